@@ -39,7 +39,7 @@ class ModelConfig:
 
     def n_params(self) -> int:
         V, C, L, F = self.vocab_size, self.n_embd, self.n_layer, self.dim_ffn
-        per_layer = 4 * C + 3 * C + 2 * C  # ln1, ln2 (w, b); time_decay, time_first, 3 att mixes; 2 ffn mixes
+        per_layer = 4 * C + 2 * C + 3 * C + 2 * C  # ln1, ln2 (w, b); time_decay, time_first; 3 att + 2 ffn mixes
         per_layer += 4 * C * C + C * C + 2 * C * F
         return 2 * V * C + 2 * C + L * per_layer + 2 * C  # emb, head, ln0, blocks, ln_out
 

@@ -1,0 +1,158 @@
+"""The two reference forms of the WKV test each other; finite differences test both backwards."""
+import numpy as np
+import pytest
+from hypothesis import example, given
+
+from minirwkv import wkv
+from minirwkv.testing import assert_close, init_like_wkv_inputs, make_wkv_inputs, wkv_inputs
+
+DTYPES = [np.float64, np.float32]
+
+
+def run_recurrent(x):
+    y, state = wkv.wkv_recurrent_forward(x.w.astype(x.k.dtype), x.time_first, x.k, x.v)
+    grads = wkv.wkv_recurrent_backward(x.w.astype(x.k.dtype), x.time_first, x.k, x.v, y, x.gy)
+    return y, state, grads
+
+
+def run_parallel(x):
+    y, cache, state = wkv.wkv_parallel_forward(x.w.astype(x.k.dtype), x.time_first, x.k, x.v)
+    return y, state, wkv.wkv_parallel_backward(x.gy, cache)
+
+
+EXTREME = make_wkv_inputs(2, 5, 3, seed=7, k_scale=100.0)  # |k| near 100: e^k overflows float32
+EXTREME.k[0, 0, :] = [100.0, -100.0, 88.75]
+T1 = make_wkv_inputs(3, 1, 4, seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parallel_equals_recurrent(dtype):
+    @given(x=wkv_inputs(dtype))
+    @example(x=EXTREME.astype(dtype))
+    @example(x=T1.astype(dtype))
+    def check(x):
+        y_r, s_r, g_r = run_recurrent(x)
+        y_p, s_p, g_p = run_parallel(x)
+        assert y_r.dtype == y_p.dtype == dtype
+        assert_close(y_r, y_p, dtype, what="y")
+        for name, a, b in zip(("gw", "gu", "gk", "gv"), g_r, g_p):
+            assert a.dtype == dtype
+            assert_close(a, b, dtype, what=name, scale=x.grad_scale())
+        # the final state: a = aa e^pp and b = bb e^pp, compared through their ratio and scale
+        assert_close(s_r.pp, s_p.pp, dtype, what="pp")
+        assert_close(s_r.aa / s_r.bb, s_p.aa / s_p.bb, dtype, what="aa/bb")
+        assert_close(s_r.bb, s_p.bb, dtype, what="bb")
+
+    check()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_is_a_convex_combination_and_finite(dtype):
+    @given(x=wkv_inputs(dtype))
+    @example(x=EXTREME.astype(dtype))
+    def check(x):
+        for y, state, grads in (run_recurrent(x), run_parallel(x)):
+            assert all(np.isfinite(a).all() for a in (y, *state, *grads))
+            lo = np.minimum.accumulate(x.v, axis=1)
+            hi = np.maximum.accumulate(x.v, axis=1)
+            slack = 4 * np.finfo(dtype).eps * np.maximum(np.abs(lo), np.abs(hi))
+            assert np.all(y >= lo - slack) and np.all(y <= hi + slack)
+
+    check()
+
+
+def test_float32_recurrent_close_to_float64():
+    """The stable recurrence in float32 stays within 1e-5 (normwise) of float64 at T = 256, init-like inputs."""
+    x = init_like_wkv_inputs(2, 256, 64, seed=11)
+    y64, _, g64 = run_recurrent(x)
+    y32, _, g32 = run_recurrent(x.astype(np.float32))
+    assert_close(y32, y64, np.float32, kind="vs_f64", what="y")
+    for name, a, b in zip(("gw", "gu", "gk", "gv"), g32, g64):
+        assert_close(a, b, np.float32, kind="vs_f64", what=name, scale=x.grad_scale())
+
+
+def numerical_grads(x, forward, h=1e-6):
+    """Central differences of L = sum(gy * y) with respect to theta, u, k, v (float64)."""
+    args = [x.time_decay.copy(), x.time_first.copy(), x.k.copy(), x.v.copy()]
+
+    def L():
+        return float((forward(-np.exp(args[0]), args[1], args[2], args[3]) * x.gy).sum())
+
+    out = []
+    for a in args:
+        g = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            old = a[i]
+            a[i] = old + h
+            lp = L()
+            a[i] = old - h
+            lm = L()
+            a[i] = old
+            g[i] = (lp - lm) / (2 * h)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("form", ["recurrent", "parallel"])
+@pytest.mark.parametrize("seed,k_scale", [(0, 1.0), (1, 3.0), (2, 10.0)])
+def test_gradients_match_finite_differences(form, seed, k_scale):
+    x = make_wkv_inputs(2, 6, 3, seed=seed, k_scale=k_scale, theta=(-3, 1), u=(-2, 2))
+    w = x.w
+    if form == "recurrent":
+        def fwd(w_, u_, k_, v_):
+            return wkv.wkv_recurrent_forward(w_, u_, k_, v_)[0]
+        y = fwd(w, x.time_first, x.k, x.v)
+        gw, gu, gk, gv = wkv.wkv_recurrent_backward(w, x.time_first, x.k, x.v, y, x.gy)
+    else:
+        def fwd(w_, u_, k_, v_):
+            return wkv.wkv_parallel_forward(w_, u_, k_, v_)[0]
+        _, cache, _ = wkv.wkv_parallel_forward(w, x.time_first, x.k, x.v)
+        gw, gu, gk, gv = wkv.wkv_parallel_backward(x.gy, cache)
+    num = numerical_grads(x, fwd)
+    for name, a, b in zip(("g_theta", "gu", "gk", "gv"), (gw * w, gu, gk, gv), num):
+        assert_close(a, b, np.float64, kind="finite_diff", what=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_carried_across_chunks_equals_whole(dtype):
+    @given(x=wkv_inputs(dtype, max_T=32))
+    def check(x):
+        T = x.k.shape[1]
+        cut = T // 2
+        w = x.w.astype(dtype)
+        y, state = wkv.wkv_recurrent_forward(w, x.time_first, x.k, x.v)
+        y1, s1 = wkv.wkv_recurrent_forward(w, x.time_first, x.k[:, :cut], x.v[:, :cut])
+        y2, s2 = wkv.wkv_recurrent_forward(w, x.time_first, x.k[:, cut:], x.v[:, cut:], s1)
+        np.testing.assert_array_equal(np.concatenate([y1, y2], axis=1), y)  # the same arithmetic: bit-identical
+        for a, b in zip(s2, state):
+            np.testing.assert_array_equal(a, b)
+
+    check()
+
+
+def test_wkv_step_is_the_recurrent_form():
+    x = make_wkv_inputs(2, 4, 3, seed=5)
+    y, _ = wkv.wkv_recurrent_forward(x.w, x.time_first, x.k, x.v)
+    aa, bb, pp = wkv.zero_state(2, 3, np.float64)
+    for t in range(4):
+        yt, aa, bb, pp = wkv.wkv_step(x.w, x.time_first, x.k[:, t], x.v[:, t], aa, bb, pp)
+        np.testing.assert_array_equal(yt, y[:, t])
+
+
+def test_naive_recurrence_overflows_where_stable_does_not():
+    """Why the stable form exists: e^k overflows float32 above ~88.7."""
+    x = make_wkv_inputs(1, 3, 2, seed=0).astype(np.float32)
+    x.k[...] = 95.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.exp(x.k[:, 0]) * x.v[:, 0]
+        b = np.exp(x.k[:, 0])
+        naive = a / b
+    assert not np.isfinite(naive).all()
+    y, _ = wkv.wkv_recurrent_forward(x.w.astype(np.float32), x.time_first, x.k, x.v)
+    assert np.isfinite(y).all()
+
+
+def test_parallel_form_refuses_a_carried_state():
+    x = make_wkv_inputs(1, 2, 2)
+    with pytest.raises(ValueError, match="zero state"):
+        wkv._parallel_backend_forward(x.w, x.time_first, x.k, x.v, wkv.zero_state(1, 2, np.float64))
