@@ -93,16 +93,23 @@ class LinearCache(NamedTuple):
 
 
 def linear_forward(x, weight):
-    """y = x @ weight.T. x (..., in), weight (out, in) -> y (..., out)."""
-    return x @ weight.T, LinearCache(x, weight)
+    """y = x @ weight.T. x (..., in), weight (out, in) -> y (..., out).
+
+    Computed as one 2-D product over the flattened leading axes: NumPy's stacked (3-D) matmul with a transposed
+    operand does not reach BLAS and runs ~10x slower.
+    """
+    n_out, n_in = weight.shape
+    y = x.reshape(-1, n_in) @ weight.T  # (B T, out)
+    return y.reshape(*x.shape[:-1], n_out), LinearCache(x, weight)
 
 
 def linear_backward(dy, cache: LinearCache):
-    """-> dx (..., in), dweight (out, in)."""
+    """-> dx (..., in), dweight (out, in). Both as 2-D products, as in the forward."""
     x, weight = cache
-    n_in, n_out = weight.shape[1], weight.shape[0]
-    dx = dy @ weight  # (..., in)
-    dweight = dy.reshape(-1, n_out).T @ x.reshape(-1, n_in)  # (out, in)
+    n_out, n_in = weight.shape
+    dy2 = dy.reshape(-1, n_out)  # (B T, out)
+    dx = (dy2 @ weight).reshape(*dy.shape[:-1], n_in)  # (..., in)
+    dweight = dy2.T @ x.reshape(-1, n_in)  # (out, in)
     return dx, dweight
 
 
