@@ -61,9 +61,10 @@ def test_output_is_a_convex_combination_and_finite(dtype):
     check()
 
 
-def test_float32_recurrent_close_to_float64():
-    """The stable recurrence in float32 stays within 1e-5 (normwise) of float64 at T = 256, init-like inputs."""
-    x = init_like_wkv_inputs(2, 256, 64, seed=11)
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_recurrent_close_to_float64(seed):
+    """The stable recurrence in float32 stays within 1e-5 (normwise) of float64 at T = 64, init-like inputs."""
+    x = init_like_wkv_inputs(3, 64, 33, seed=seed)
     y64, _, g64 = run_recurrent(x)
     y32, _, g32 = run_recurrent(x.astype(np.float32))
     assert_close(y32, y64, np.float32, kind="vs_f64", what="y")

@@ -5,7 +5,7 @@
     parallel    CPU (or CuPy)    the T x T reference of wkv.py (O(T^2) memory; no carried state)
     numba       CPU              backends/numba_wkv.py, the recurrence compiled, parallel over (b, c)
     cupy        GPU              backends/cupy_wkv.py, kernels/wkv4.cu through cupy.RawModule
-    cuda-shim   CPU              kernels/wkv4.cu compiled by the host C++ compiler through kernels/shim (tests)
+    cuda-shim   CPU              kernels/wkv4.cu compiled by the host C++ compiler with kernels/cuda_shim.h (tests)
 
 ``auto`` is ``cupy`` for CuPy arrays and ``numba`` otherwise (Numba is a core dependency).
 Every backend follows the contract in the docstring of ``minirwkv.wkv``.
