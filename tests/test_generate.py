@@ -1,0 +1,171 @@
+"""Generation (minirwkv/generate.py): streaming text never splits a UTF-8 character, stop strings cut the output,
+greedy generation equals the reference RNN loop, a batch equals its prompts alone, a saved state continues
+identically, and ``minirwkv sample`` runs end to end."""
+import argparse
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from minirwkv import ModelConfig, init_params, prefill, rnn_step
+from minirwkv.generate import (Detokenizer, StopFilter, add_sample_arguments, generate, generate_text,
+                               run_sample)
+from minirwkv.tokenizer import ByteTokenizer
+
+CONFIG = ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16)
+TOK = ByteTokenizer()
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0.0, 0.8, v.shape)).astype(np.float32)
+            for k, v in init_params(CONFIG, seed=seed, dtype=np.float64).items()}
+
+
+PARAMS = _params()
+
+
+@given(text=st.text(max_size=30))
+@example(text="a€b😀")
+def test_detokenizer_streams_whole_characters(text):
+    detok = Detokenizer(TOK)
+    pieces = [detok.push(t) for t in TOK.encode(text)]
+    pieces.append(detok.finish())
+    assert "".join(pieces) == text
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_detokenizer_finish_shows_a_cut_character():
+    detok = Detokenizer(TOK)
+    assert detok.push(0xE2) == "" and detok.push(0x82) == ""  # the first two bytes of the euro sign
+    assert detok.finish() == "\ufffd"
+
+
+@given(text=st.text(alphabet="ab\nxyz", max_size=30), stops=st.lists(st.text(alphabet="ab\nx", min_size=1,
+                                                                              max_size=3), max_size=3),
+       cuts=st.lists(st.integers(0, 30), max_size=6))
+@example(text="hello\n\nworld", stops=["\n\n"], cuts=[5, 6])
+def test_stop_filter_cuts_before_the_first_stop_string(text, stops, cuts):
+    f = StopFilter(stops)
+    bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+    out = "".join(f.push(text[a:b]) for a, b in zip(bounds, bounds[1:])) + f.finish()
+    hits = [text.find(s) for s in stops if s in text]
+    assert out == (text[:min(hits)] if hits else text)
+    assert f.stopped == bool(hits)
+
+
+def reference_greedy(params, prompt_ids, n):
+    """Greedy continuation with the readable reference: prefill + rnn_step + argmax."""
+    logits, state = prefill(params, np.asarray([prompt_ids]), impl="numpy")
+    logits, out = logits[:, -1], []
+    for _ in range(n):
+        t = int(logits[0].argmax())
+        out.append(t)
+        logits, state = rnn_step(params, np.array([t]), state)
+    return out
+
+
+def test_greedy_equals_the_reference_loop():
+    n = 12
+    got = generate_text(PARAMS, TOK, "Hi there", n, temperature=0)[0]
+    want = TOK.decode(reference_greedy(PARAMS, TOK.encode("Hi there"), n))
+    assert got == want
+
+
+def test_a_batch_equals_its_prompts_alone():
+    prompts = ["abc", "a much longer prompt", "x"]
+    together = generate_text(PARAMS, TOK, prompts, 10, temperature=0, chunk_size=4)
+    alone = [generate_text(PARAMS, TOK, p, 10, temperature=0)[0] for p in prompts]
+    assert together == alone
+
+
+def test_fixed_seed_repeats_and_sampling_options_apply():
+    kw = dict(temperature=1.3, top_k=50, top_p=0.95, presence_penalty=0.3, frequency_penalty=0.1)
+    a = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=3, **kw)
+    b = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=3, **kw)
+    c = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=4, **kw)
+    assert a == b and a != c
+
+
+def test_stop_string_and_stop_token_end_a_sequence():
+    ids = reference_greedy(PARAMS, TOK.encode("Hi"), 30)
+    full = generate_text(PARAMS, TOK, "Hi", 30, temperature=0)[0]
+    assert full == TOK.decode(ids)
+    stop = full[5:7]
+    cut = generate_text(PARAMS, TOK, "Hi", 30, temperature=0, stop=[stop])[0]
+    assert cut == full[:full.find(stop)]
+    by_token = generate_text(PARAMS, TOK, "Hi", 30, temperature=0, stop_tokens=[ids[3]])[0]
+    assert by_token == TOK.decode(ids[:ids.index(ids[3])])
+
+
+def test_max_new_tokens_bounds_the_output():
+    pieces = list(generate(PARAMS, TOK, ["a", "b"], 7, seed=0))
+    for i in range(2):
+        text = "".join(p.text for p in pieces if p.index == i)
+        assert len(TOK.encode(text.replace("\ufffd", "?"))) <= 7
+    assert list(generate(PARAMS, TOK, "a", 0)) == []
+
+
+def test_continuing_a_saved_state_equals_the_whole_prompt():
+    from minirwkv.infer import RNNRunner
+
+    runner = RNNRunner(PARAMS)
+    logits = runner.prefill([TOK.encode("Once upon")])
+    state = runner.get_state()
+    whole = generate_text(PARAMS, TOK, "Once upon a time", 15, seed=1)
+    continued = generate_text(PARAMS, TOK, " a time", 15, seed=1, state=state)
+    assert continued == whole
+    from_logits = generate_text(PARAMS, TOK, ["", ""], 15, seed=2, state=state, logits=logits)
+    assert from_logits == generate_text(PARAMS, TOK, ["Once upon"] * 2, 15, seed=2)
+    with pytest.raises(ValueError, match="logits"):
+        generate_text(PARAMS, TOK, "", 5, state=state)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        generate_text(PARAMS, TOK, "a", 5, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_text(PARAMS, TOK, "a", 5, top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_text(PARAMS, TOK, "a", -1)
+    with pytest.raises(ValueError, match="prompts"):
+        generate_text(PARAMS, TOK, [], 5)
+
+
+# --- minirwkv sample ----------------------------------------------------------------------------------------------
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_sample_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys):
+    from minirwkv.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "tiny.ckpt"
+    save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
+    common = ["--checkpoint", str(ckpt), "--max-new-tokens", "12", "--seed", "5"]
+    assert run_sample(_args(*common, "--prompt", "Hello", "--state-out", str(tmp_path / "s.npz"))) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Hello")
+    assert run_sample(_args(*common, "--state-in", str(tmp_path / "s.npz"))) == 0
+    assert "Hello" + capsys.readouterr().out == first  # same continuation, from the saved state
+    assert run_sample(_args(*common, "--prompt", "a", "--prompt", "bc", "--stop", "zzz")) == 0
+    out = capsys.readouterr().out
+    assert "--- [0] ---\na" in out and "--- [1] ---\nbc" in out
+
+
+def test_sample_command_errors_are_clear(tmp_path, capsys):
+    from pathlib import Path
+
+    pth = Path(__file__).parent / "fixtures" / "rwkv4_tiny_fp32.pth"
+    if pth.exists():
+        assert run_sample(_args("--checkpoint", str(pth), "--max-new-tokens", "3")) == 1
+        assert "--tokenizer" in capsys.readouterr().err
+    assert run_sample(_args("--checkpoint", str(tmp_path / "missing.ckpt"))) == 1
+    assert "error" in capsys.readouterr().err
+    assert run_sample(_args("--checkpoint", "x", "--top-k", "-2")) == 1
+    assert "top_k" in capsys.readouterr().err

@@ -1,0 +1,182 @@
+"""RNNRunner (minirwkv/infer.py) computes what the references compute: rnn_step token by token, prefill in
+parallel mode, any chunking, ragged prompts; the ln0 fold is exact; a saved state continues identically."""
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from minirwkv import ModelConfig, forward, init_params, init_state, prefill, rnn_step
+from minirwkv.infer import RNNRunner, broadcast_state, fold_ln0, load_state, save_state
+from minirwkv.ops import layernorm_forward
+from minirwkv.testing import assert_close
+
+CONFIG = ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20)
+
+
+def random_params(config, dtype, seed=0):
+    """The official init plus noise: init_params leaves five matrices per layer at exactly 0, which would hide
+    mistakes in the paths they feed."""
+    rng = np.random.default_rng(seed)
+    params = init_params(config, seed=seed, dtype=np.float64)
+    return {k: (v + rng.normal(0.0, 0.4, v.shape)).astype(dtype) for k, v in params.items()}
+
+
+PARAMS = {np.float32: random_params(CONFIG, np.float32), np.float64: random_params(CONFIG, np.float64)}
+
+
+def assert_state_close(actual, expected, dtype, what):
+    for i, (a, e) in enumerate(zip(actual.layers, expected.layers)):
+        for name, x, y in zip(a._fields, a, e):
+            assert_close(x, y, dtype, "same", what=f"{what} blocks.{i}.{name}")
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 6), seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32,
+                                                                                                   np.float64]))
+@example(B=1, T=1, seed=0, dtype=np.float32)
+def test_step_equals_rnn_step(B, T, seed, dtype):
+    params = PARAMS[dtype]
+    tokens = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (B, T))
+    runner = RNNRunner(params, batch_size=B)
+    state = init_state(params, B)
+    for t in range(T):
+        got = runner.step(tokens[:, t])
+        want, state = rnn_step(params, tokens[:, t], state)
+        assert got.shape == (B, CONFIG.vocab_size) and got.dtype == dtype
+        assert_close(got, want, dtype, "same", what=f"logits at t={t}")
+    assert_state_close(runner.get_state(), state, dtype, "state")
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 13), chunk=st.integers(1, 5), seed=st.integers(0, 2**16))
+@example(B=1, T=1, chunk=1, seed=0)
+@example(B=2, T=10, chunk=5, seed=1)  # chunks that divide T exactly
+def test_prefill_then_step_equals_parallel(B, T, chunk, seed):
+    """Prefill of T tokens in blocks of `chunk`, then one step == the parallel forward of all T + 1 tokens."""
+    dtype = np.float32
+    params = PARAMS[dtype]
+    idx = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (B, T + 1))
+    runner = RNNRunner(params, batch_size=B, chunk_size=chunk)
+    last = runner.prefill(idx[:, :T])
+    logits, state = prefill(params, idx[:, :T], impl="numpy")
+    assert_close(last, logits[:, -1], dtype, "same", what="logits after the prompt")
+    assert_state_close(runner.get_state(), state, dtype, "state after the prompt")
+    nxt = runner.step(idx[:, T])
+    assert_close(nxt, forward(params, idx, impl="numpy")[:, -1], dtype, "same", what="logits of the next token")
+
+
+def test_prefill_continues_from_the_current_state():
+    params = PARAMS[np.float32]
+    idx = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (2, 9))
+    runner = RNNRunner(params, batch_size=2, chunk_size=3)
+    runner.prefill(idx[:, :4])
+    got = runner.prefill(idx[:, 4:])
+    assert_close(got, forward(params, idx, impl="numpy")[:, -1], np.float32, "same", what="two prefills")
+
+
+def test_ragged_prompts_equal_one_prompt_at_a_time():
+    params = PARAMS[np.float32]
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n) for n in (5, 2, 5, 1)]
+    runner = RNNRunner(params, batch_size=4, chunk_size=2)
+    got = runner.prefill(prompts)
+    state = runner.get_state()
+    for i, p in enumerate(prompts):
+        logits, s = prefill(params, p[None], impl="numpy")
+        assert_close(got[i], logits[0, -1], np.float32, "same", what=f"prompt {i}")
+        for mine, ref in zip(state.layers, s.layers):
+            for name, a, b in zip(mine._fields, mine, ref):
+                assert_close(a[i:i + 1], b, np.float32, "same", what=f"prompt {i} state {name}")
+
+
+def test_prefill_of_some_rows_leaves_the_others():
+    params = PARAMS[np.float32]
+    runner = RNNRunner(params, batch_size=3)
+    runner.prefill([np.array([1, 2, 3])] * 3)
+    before = runner.get_state()
+    runner.prefill([np.array([7, 8])], rows=[1])
+    after = runner.get_state()
+    for b, a in zip(before.layers, after.layers):
+        for x, y in zip(b, a):
+            np.testing.assert_array_equal(x[[0, 2]], y[[0, 2]])
+            assert not np.array_equal(x[1], y[1])
+
+
+def test_ln0_fold_is_exact():
+    params = PARAMS[np.float32]
+    idx = np.arange(CONFIG.vocab_size)
+    folded = fold_ln0(params, rows_per_block=5)  # blocks that do not divide V
+    unfolded = layernorm_forward(params["emb.weight"][idx], params["blocks.0.ln0.weight"],
+                                 params["blocks.0.ln0.bias"])[0]
+    np.testing.assert_array_equal(folded[idx], unfolded)
+
+
+def test_saved_state_continues_identically(tmp_path):
+    """One prompt's state saved, restored, and reused for several continuations: identical to continuing at once."""
+    params = PARAMS[np.float32]
+    rng = np.random.default_rng(5)
+    prompt, cont = rng.integers(0, CONFIG.vocab_size, 6), rng.integers(0, CONFIG.vocab_size, (3, 4))
+    runner = RNNRunner(params, batch_size=1)
+    logits = runner.prefill([prompt])
+    save_state(tmp_path / "prompt.npz", runner.get_state(), logits)
+    direct = [runner.step(cont[0, t:t + 1]) for t in range(4)]
+
+    state, saved_logits = load_state(tmp_path / "prompt.npz")
+    np.testing.assert_array_equal(saved_logits, logits)
+    many = RNNRunner(params, batch_size=3)
+    many.set_state(broadcast_state(state, 3))
+    again = [many.step(cont[:, t]) for t in range(4)]
+    for t in range(4):
+        np.testing.assert_array_equal(again[t][0], direct[t][0])  # same computation, same bits
+        ref = RNNRunner(params, batch_size=1)
+        ref.set_state(state)
+        for u in range(t + 1):
+            want = ref.step(cont[1, u:u + 1])
+        np.testing.assert_array_equal(again[t][1], want[0])
+
+
+def test_get_state_is_a_copy():
+    runner = RNNRunner(PARAMS[np.float32])
+    saved = runner.get_state()
+    runner.step(np.array([3]))
+    assert np.all(saved.layers[0].att_x == 0)
+
+
+def test_bad_input():
+    params = PARAMS[np.float32]
+    runner = RNNRunner(params, batch_size=2)
+    with pytest.raises(ValueError, match="batch size"):
+        runner.step(np.array([1]))
+    with pytest.raises(ValueError, match="outside"):
+        runner.step(np.array([1, CONFIG.vocab_size]))
+    with pytest.raises(ValueError, match="one prompt per row"):
+        runner.prefill([np.array([1])])
+    with pytest.raises(ValueError, match="empty"):
+        runner.prefill([np.array([1]), np.array([], dtype=np.int64)])
+    with pytest.raises(ValueError, match="batch_size"):
+        RNNRunner(params, batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        RNNRunner(params, chunk_size=0)
+    with pytest.raises(ValueError, match="shape"):
+        runner.set_state(init_state(params, 3))
+
+
+def test_load_state_refuses_other_files(tmp_path):
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a saved RNN state"):
+        load_state(tmp_path / "plain.npz")
+    np.savez(tmp_path / "pickled.npz", format=np.array("minirwkv-rnn-state"), x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="not a saved RNN state"):
+        load_state(tmp_path / "pickled.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a saved RNN state"):
+        load_state(tmp_path / "junk.npz")
+
+
+def test_bench_quick_runs(capsys):
+    from minirwkv.bench_infer import bytes_per_token, main, random_params
+
+    rows = main(["--quick", "--no-official"])
+    assert rows[0]["model"] == "tiny" and rows[0]["rnn_tok_s"] > 0 and rows[0]["prefill_tok_s"] > 0
+    assert "prefill/RNN" in capsys.readouterr().out
+    params = random_params(CONFIG)
+    matrices = sum(a.size for k, a in params.items() if a.ndim == 2) - params["emb.weight"].size
+    assert bytes_per_token(params) == 4 * (matrices + CONFIG.n_embd)  # every matrix, the head, one embedding row
