@@ -3,7 +3,13 @@
     python -m minirwkv.bench                    # everything, full sizes
     python -m minirwkv.bench --only wkv         # the WKV section (and the environment)
     python -m minirwkv.bench --quick            # small sizes: a smoke test in seconds
-    python -m minirwkv.bench --threads 2 --json out/bench.json
+    python -m minirwkv.bench --threads 1 --json out/bench.json
+    python -m minirwkv.bench --only step        # the training step and the HF transformers comparison
+    python -m minirwkv.bench --only step --hf-steps 0   # ... without the HF comparison
+
+``--threads N`` sets the Numba threads and NumPy's BLAS threads (threadpoolctl); use one per idle core (docs/numba.md:
+on a 2-core machine shared with another job, two threads made the training step 3-4x slower). The training step
+section needs torch and transformers for its comparison and skips it, with a message, without them.
 
 Times are medians of several repeats after a warm-up (which includes Numba's compilation). The roofline is the
 time a kernel would take if it only moved its bytes at the copy bandwidth measured in the same run (see
@@ -137,13 +143,159 @@ def bench_wkv(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training step (another section, to come)
+# Training step
 # ---------------------------------------------------------------------------------------------------------------
 
+STEP_CONFIG = dict(vocab_size=256, n_embd=256, n_layer=6)  # dim_ffn = 4 C = 1024
+STEP_BT = (8, 256)  # (B, T)
+STEP_CONFIG_QUICK = dict(vocab_size=64, n_embd=32, n_layer=2)
+STEP_BT_QUICK = (2, 16)
+ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01)
+
+
+class _MatmulTimer:
+    """An ops namespace whose linear_forward / linear_backward are timed and their FLOPs counted (2 N in out per
+    product; the backward does two products). Everything else is the namespace it wraps."""
+
+    def __init__(self, ops):
+        self.ops, self.seconds, self.flops = ops, 0.0, 0.0
+        self.namespace = type(ops)(**vars(ops))
+        self.namespace.linear_forward = self._timed(ops.linear_forward, 1)
+        self.namespace.linear_backward = self._timed(ops.linear_backward, 2)
+
+    def _timed(self, fn, n_products):
+        def timed(a, cache_or_weight):
+            weight = cache_or_weight if isinstance(cache_or_weight, np.ndarray) else cache_or_weight.weight
+            t0 = time.perf_counter()
+            out = fn(a, cache_or_weight)
+            self.seconds += time.perf_counter() - t0
+            self.flops += n_products * 2 * (a.size // a.shape[-1]) * weight.shape[0] * weight.shape[1]
+            return out
+
+        return timed
+
+
+def _train_step(params, m, v, t, idx, targets, impl, ops=None):
+    """One training step: forward, backward, AdamW (the fused Numba update, in place). -> loss.
+
+    With ``ops`` (an instrumented namespace) the step goes through model_forward / model_backward directly, the
+    three lines of ``loss_and_grads``; otherwise through the public ``loss_and_grads``.
+    """
+    from . import model, ops as reference_ops
+    from .backends.numba_ops import adamw_update
+    from .optim import decays
+
+    if ops is None:
+        loss, grads = model.loss_and_grads(params, idx, targets, impl=impl)
+    else:
+        logits, cache, _ = model.model_forward(params, idx, model._backend_for(params, impl), ops=ops)
+        loss, c_ce = reference_ops.cross_entropy_forward(logits, targets)
+        grads = model.model_backward(reference_ops.cross_entropy_backward(c_ce), cache)
+    h = ADAMW
+    for name, p in params.items():
+        adamw_update(p, grads[name], m[name], v[name], h["lr"], h["beta1"], h["beta2"], h["eps"],
+                     h["weight_decay"] if decays(p.shape) else 0.0, 1 - h["beta1"] ** t, 1 - h["beta2"] ** t)
+    return loss
+
+
+def matmul_flops(n: int, repeats: int = 3) -> float:
+    """FLOP/s of a float32 (n, n) @ (n, n) product on NumPy's BLAS: the reference for the step's products."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats)
+
+
 def bench_step(args) -> dict:
-    print("\n== training step ==")
-    print("training-step benchmark: not implemented yet")
-    return {}
+    from . import model
+    from .backends.ops_registry import get_ops
+    from .config import ModelConfig
+
+    config_kwargs = STEP_CONFIG_QUICK if args.quick else STEP_CONFIG
+    cfg = ModelConfig(**config_kwargs)
+    B, T = STEP_BT_QUICK if args.quick else STEP_BT
+    impl = "numba"
+    print(f"\n== training step: V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} F={cfg.dim_ffn}, B={B} T={T} "
+          f"float32, impl={impl}, AdamW (fused Numba update) ==")
+    params = model.init_params(cfg, seed=0, dtype=np.float32)
+    m = {k: np.zeros_like(p) for k, p in params.items()}
+    v = {k: np.zeros_like(p) for k, p in params.items()}
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+    steps = [0]
+
+    def step(ops=None):
+        steps[0] += 1
+        return _train_step(params, m, v, steps[0], idx, targets, impl, ops)
+
+    repeats = 2 if args.quick else 5
+    t0 = time.perf_counter()
+    step()  # compiles (or loads) every kernel
+    print(f"first step (compiles or loads the Numba cache): {time.perf_counter() - t0:.1f} s")
+    t_step = median_time(step, repeats, warmup=1)
+    timer = _MatmulTimer(get_ops(impl))
+    t_instrumented = median_time(lambda: step(timer.namespace), repeats, warmup=0)
+    matmul_s, flops = timer.seconds / repeats, timer.flops / repeats
+    peak_n = 512 if args.quick else 2048
+    peak = matmul_flops(peak_n)
+    tokens_per_s = B * T / t_step
+    result = {"config": {**config_kwargs, "dim_ffn": cfg.dim_ffn, "B": B, "T": T}, "impl": impl,
+              "step_s": t_step, "tokens_per_s": tokens_per_s, "instrumented_step_s": t_instrumented,
+              "matmul_s": matmul_s, "matmul_share": matmul_s / t_instrumented, "matmul_flops_per_step": flops,
+              "matmul_flops_per_s": flops / matmul_s, "step_flops_per_s": flops / t_step,
+              "reference_matmul": {"n": peak_n, "flops_per_s": peak}}
+    print(f"step: {1e3 * t_step:.0f} ms (median of {repeats}), {tokens_per_s:,.0f} tokens/s")
+    print(f"matrix products: {1e3 * matmul_s:.0f} ms of a {1e3 * t_instrumented:.0f} ms instrumented step = "
+          f"{100 * result['matmul_share']:.0f}% of the step ({flops / 1e9:.1f} GFLOP per step)")
+    print(f"achieved: {flops / matmul_s / 1e9:.1f} GFLOP/s inside the products, {flops / t_step / 1e9:.1f} GFLOP/s "
+          f"over the whole step; a float32 ({peak_n})^2 @ ({peak_n})^2 product here: {peak / 1e9:.1f} GFLOP/s "
+          f"(products at {100 * flops / matmul_s / peak:.0f}% of it, the step at {100 * flops / t_step / peak:.0f}%)")
+    if args.hf_steps == 0:
+        print("HF transformers comparison skipped (--hf-steps 0)")
+        return result
+    result["hf"] = bench_hf(cfg, B, T, repeats=args.hf_steps)
+    if result["hf"].get("tokens_per_s"):
+        result["ratio_vs_hf"] = tokens_per_s / result["hf"]["tokens_per_s"]
+        print(f"minirwkv tokens/s / HF transformers tokens/s = {result['ratio_vs_hf']:.1f}x")
+    return result
+
+
+def bench_hf(cfg, B: int, T: int, repeats: int = 2) -> dict:
+    """The same training step with PyTorch autograd: Hugging Face transformers ``RwkvForCausalLM`` (whose CPU WKV is
+    a Python loop over T), torch.optim.AdamW, on torch's CPU threads = the Numba thread count. Skipped (with a
+    message) when torch or transformers is missing. No warm-up step: one HF step takes close to a minute here, and
+    torch compiles nothing, so the first step is representative."""
+    try:
+        import torch
+        from transformers import RwkvConfig, RwkvForCausalLM
+    except ImportError as e:
+        print(f"HF transformers comparison skipped: {e} (pip install torch transformers)")
+        return {"skipped": str(e)}
+    import numba
+
+    threads = numba.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_cfg = RwkvConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                        attention_hidden_size=cfg.n_embd, intermediate_size=cfg.dim_ffn, context_length=T,
+                        rescale_every=0, use_cache=False)
+    net = RwkvForCausalLM(hf_cfg).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]),
+                            eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+
+    def step():
+        out = net(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_step = median_time(step, repeats, warmup=0)
+    tokens_per_s = B * T / t_step
+    print(f"HF transformers {__import__('transformers').__version__} RwkvForCausalLM, torch {torch.__version__} on "
+          f"{threads} threads: {1e3 * t_step:.0f} ms per step (median of {repeats}), {tokens_per_s:,.0f} tokens/s")
+    return {"step_s": t_step, "tokens_per_s": tokens_per_s, "torch_threads": threads,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,25 +372,45 @@ def _print_table(rows, columns):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minirwkv.bench", description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None,
-                   help="Numba threads for the kernels (at most the pool size, NUMBA_NUM_THREADS)")
+                   help="threads for the Numba kernels (at most the pool size, NUMBA_NUM_THREADS) and for NumPy's "
+                        "BLAS (through threadpoolctl); torch in the HF comparison uses the same number")
+    p.add_argument("--threading-layer", choices=("workqueue", "omp", "tbb", "default"), default="workqueue",
+                   help="Numba's threading layer (default workqueue: idle threads sleep; OpenMP's spin-waiting threads "
+                        "starve the BLAS threads on a small, shared machine, docs/numba.md)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test")
+    p.add_argument("--hf-steps", type=int, default=2, metavar="N",
+                   help="timed steps of the HF transformers comparison (about a minute each at full size); 0 skips it")
     p.add_argument("--only", choices=("wkv", "step", "all"), default="all", help="which section to run")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    import contextlib
+
+    import numba
+
     args = parse_args(argv)
+    if args.threading_layer != "default":
+        numba.config.THREADING_LAYER = args.threading_layer  # read when the first parallel kernel launches
+    blas_limit = contextlib.nullcontext()
     if args.threads is not None:
         from .backends import numba_wkv
 
         numba_wkv.set_threads(args.threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            blas_limit = threadpool_limits(limits=args.threads, user_api="blas")
+        except ImportError:
+            print("threadpoolctl is not installed: NumPy's BLAS keeps its own thread count")
     results = {"args": vars(args)}
-    if args.only in ("wkv", "all"):
-        results["wkv"] = bench_wkv(args)
-    if args.only in ("step", "all"):
-        results["step"] = bench_step(args)
-    results["environment"] = environment()  # after the kernels ran, so the threading layer is known
+    with blas_limit:
+        if args.only in ("wkv", "all"):
+            results["wkv"] = bench_wkv(args)
+        if args.only in ("step", "all"):
+            results["step"] = bench_step(args)
+        results["environment"] = environment()  # inside the BLAS limit, so its thread count is the one used
     _print_environment(results["environment"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import ops, wkv
 from .backends import get_backend
+from .backends.ops_registry import get_ops
 from .config import ModelConfig
 
 EMB_INIT = 1e-4  # half-width of the uniform embedding init ("SmallInitEmb" in the RWKV-LM README)
@@ -223,15 +224,14 @@ class TimeMixCache(NamedTuple):
     output: ops.LinearCache
 
 
-def time_mixing_forward(params, p, z, x_prev, wkv_state, backend):
+def time_mixing_forward(params, p, z, x_prev, wkv_state, backend, ops=ops):
     """TimeMix of block ``p`` ("blocks.i.") on z = LN_ln1(x) (B, T, C). -> out (B, T, C), cache, state out.
 
     x_prev (B, C) is z of the token before this chunk (None: zeros), wkv_state the WKVState before it (None: zero).
+    ``ops`` is the set of element-wise kernels: minirwkv.ops, or its Numba overrides (backends/ops_registry.py).
     """
-    xx = ops.token_shift_forward(z, x_prev)  # (B, T, C) previous token
-    xk, c_mix_k = ops.mix_forward(z, xx, params[p + "att.time_mix_k"])  # (B, T, C)
-    xv, c_mix_v = ops.mix_forward(z, xx, params[p + "att.time_mix_v"])  # (B, T, C)
-    xr, c_mix_r = ops.mix_forward(z, xx, params[p + "att.time_mix_r"])  # (B, T, C)
+    mixes = (params[p + "att.time_mix_k"], params[p + "att.time_mix_v"], params[p + "att.time_mix_r"])
+    (xk, xv, xr), (c_mix_k, c_mix_v, c_mix_r) = ops.token_shift_mix_forward(z, x_prev, mixes)  # (B, T, C) each
     k, c_key = ops.linear_forward(xk, params[p + "att.key.weight"])  # (B, T, C)
     v, c_value = ops.linear_forward(xv, params[p + "att.value.weight"])  # (B, T, C)
     r, c_receptance = ops.linear_forward(xr, params[p + "att.receptance.weight"])  # (B, T, C)
@@ -243,7 +243,7 @@ def time_mixing_forward(params, p, z, x_prev, wkv_state, backend):
     return out, cache, (z[:, -1], wkv_state)
 
 
-def time_mixing_backward(dout, cache: TimeMixCache, p, grads):
+def time_mixing_backward(dout, cache: TimeMixCache, p, grads, ops=ops):
     """TimeMix read upwards. Writes parameter gradients into ``grads``; returns dz (B, T, C)."""
     dg, grads[p + "att.output.weight"] = ops.linear_backward(dout, cache.output)
     dr, dy = ops.gate_backward(dg, cache.gate)
@@ -251,11 +251,9 @@ def time_mixing_backward(dout, cache: TimeMixCache, p, grads):
     dxr, grads[p + "att.receptance.weight"] = ops.linear_backward(dr, cache.receptance)
     dxv, grads[p + "att.value.weight"] = ops.linear_backward(dv, cache.value)
     dxk, grads[p + "att.key.weight"] = ops.linear_backward(dk, cache.key)
-    dz_r, dxx_r, grads[p + "att.time_mix_r"] = ops.mix_backward(dxr, cache.mix_r)
-    dz_v, dxx_v, grads[p + "att.time_mix_v"] = ops.mix_backward(dxv, cache.mix_v)
-    dz_k, dxx_k, grads[p + "att.time_mix_k"] = ops.mix_backward(dxk, cache.mix_k)
-    dxx = dxx_k + dxx_v + dxx_r  # the shifted z feeds three mixes
-    return dz_k + dz_v + dz_r + ops.token_shift_backward(dxx)  # z feeds three mixes and the shift
+    dz, (grads[p + "att.time_mix_k"], grads[p + "att.time_mix_v"], grads[p + "att.time_mix_r"]) = \
+        ops.token_shift_mix_backward((dxk, dxv, dxr), (cache.mix_k, cache.mix_v, cache.mix_r))
+    return dz  # (B, T, C); z feeds three mixes and the shift (summed inside)
 
 
 class ChannelMixCache(NamedTuple):
@@ -268,11 +266,10 @@ class ChannelMixCache(NamedTuple):
     gate: ops.GateCache
 
 
-def channel_mixing_forward(params, p, z, x_prev):
+def channel_mixing_forward(params, p, z, x_prev, ops=ops):
     """ChannelMix of block ``p`` on z = LN_ln2(x) (B, T, C). -> out (B, T, C), cache, z[:, -1] (the state)."""
-    xx = ops.token_shift_forward(z, x_prev)  # (B, T, C)
-    xk, c_mix_k = ops.mix_forward(z, xx, params[p + "ffn.time_mix_k"])  # (B, T, C)
-    xr, c_mix_r = ops.mix_forward(z, xx, params[p + "ffn.time_mix_r"])  # (B, T, C)
+    mixes = (params[p + "ffn.time_mix_k"], params[p + "ffn.time_mix_r"])
+    (xk, xr), (c_mix_k, c_mix_r) = ops.token_shift_mix_forward(z, x_prev, mixes)  # (B, T, C) each
     k, c_key = ops.linear_forward(xk, params[p + "ffn.key.weight"])  # (B, T, F)
     h, c_relu = ops.relu_square_forward(k)  # (B, T, F)
     kv, c_value = ops.linear_forward(h, params[p + "ffn.value.weight"])  # (B, T, C)
@@ -281,16 +278,16 @@ def channel_mixing_forward(params, p, z, x_prev):
     return out, ChannelMixCache(c_mix_k, c_mix_r, c_key, c_relu, c_value, c_receptance, c_gate), z[:, -1]
 
 
-def channel_mixing_backward(dout, cache: ChannelMixCache, p, grads):
+def channel_mixing_backward(dout, cache: ChannelMixCache, p, grads, ops=ops):
     """ChannelMix read upwards. Writes parameter gradients into ``grads``; returns dz (B, T, C)."""
     dr, dkv = ops.gate_backward(dout, cache.gate)
     dxr, grads[p + "ffn.receptance.weight"] = ops.linear_backward(dr, cache.receptance)
     dh, grads[p + "ffn.value.weight"] = ops.linear_backward(dkv, cache.value)
     dk = ops.relu_square_backward(dh, cache.relu_square)
     dxk, grads[p + "ffn.key.weight"] = ops.linear_backward(dk, cache.key)
-    dz_r, dxx_r, grads[p + "ffn.time_mix_r"] = ops.mix_backward(dxr, cache.mix_r)
-    dz_k, dxx_k, grads[p + "ffn.time_mix_k"] = ops.mix_backward(dxk, cache.mix_k)
-    return dz_k + dz_r + ops.token_shift_backward(dxx_k + dxx_r)  # z feeds two mixes and the shift
+    dz, (grads[p + "ffn.time_mix_k"], grads[p + "ffn.time_mix_r"]) = \
+        ops.token_shift_mix_backward((dxk, dxr), (cache.mix_k, cache.mix_r))
+    return dz  # (B, T, C); z feeds two mixes and the shift (summed inside)
 
 
 class BlockCache(NamedTuple):
@@ -307,15 +304,21 @@ class ModelCache(NamedTuple):
     ln_out: ops.LayerNormCache
     head: ops.LinearCache
     n_layer: int
+    ops: object  # the element-wise kernels the forward used; the backward uses the same
 
 
-def model_forward(params, idx, backend, state=None):
+def model_forward(params, idx, backend, state=None, ops=None):
     """Parallel-mode forward. -> logits (B, T, V), ModelCache, and the RNN state after the last token.
 
     ``state`` (a ``minirwkv.rnn.State`` or None for the zero state) continues from earlier tokens: the token shift
     starts from its att_x / ffn_x and the WKV from its (aa, bb, pp). Gradients never flow into ``state``.
+    ``ops``: the element-wise kernels; None: those that go with the WKV backend (``get_ops(backend.name)``: the
+    Numba overrides with the numba backend, minirwkv.ops otherwise).
     """
     from .rnn import LayerState, State  # rnn.py builds on this module; the State type lives there
+
+    if ops is None:
+        ops = get_ops(backend.name)
 
     L = len([k for k in params if k.endswith(".ln1.weight")])
     x, c_emb = ops.embedding_forward(params["emb.weight"], idx)  # (B, T, C)
@@ -326,30 +329,32 @@ def model_forward(params, idx, backend, state=None):
         s = state.layers[i] if state is not None else None
         z, c_ln1 = ops.layernorm_forward(x, params[p + "ln1.weight"], params[p + "ln1.bias"])  # (B, T, C)
         wkv_in = wkv.WKVState(s.att_aa, s.att_bb, s.att_pp) if s is not None else None
-        att, c_att, (att_x, wkv_out) = time_mixing_forward(params, p, z, s.att_x if s else None, wkv_in, backend)
+        att, c_att, (att_x, wkv_out) = time_mixing_forward(params, p, z, s.att_x if s else None, wkv_in, backend,
+                                                           ops)
         x = x + att  # (B, T, C)
         z, c_ln2 = ops.layernorm_forward(x, params[p + "ln2.weight"], params[p + "ln2.bias"])  # (B, T, C)
-        ffn, c_ffn, ffn_x = channel_mixing_forward(params, p, z, s.ffn_x if s else None)
+        ffn, c_ffn, ffn_x = channel_mixing_forward(params, p, z, s.ffn_x if s else None, ops)
         x = x + ffn  # (B, T, C)
         blocks.append(BlockCache(c_ln1, c_att, c_ln2, c_ffn))
         layers_out.append(LayerState(att_x, wkv_out.aa, wkv_out.bb, wkv_out.pp, ffn_x))
     x, c_ln_out = ops.layernorm_forward(x, params["ln_out.weight"], params["ln_out.bias"])  # (B, T, C)
     logits, c_head = ops.linear_forward(x, params["head.weight"])  # (B, T, V)
-    return logits, ModelCache(c_emb, c_ln0, blocks, c_ln_out, c_head, L), State(tuple(layers_out))
+    return logits, ModelCache(c_emb, c_ln0, blocks, c_ln_out, c_head, L, ops), State(tuple(layers_out))
 
 
 def model_backward(dlogits, cache: ModelCache) -> dict:
     """The forward read upwards. dlogits (B, T, V) -> grads, a dict with exactly the parameters' keys."""
+    ops = cache.ops  # the kernels of the forward
     grads = {}
     dx, grads["head.weight"] = ops.linear_backward(dlogits, cache.head)  # (B, T, C)
     dx, grads["ln_out.weight"], grads["ln_out.bias"] = ops.layernorm_backward(dx, cache.ln_out)
     for i in reversed(range(cache.n_layer)):
         p = f"blocks.{i}."
         c = cache.blocks[i]
-        dz = channel_mixing_backward(dx, c.ffn, p, grads)
+        dz = channel_mixing_backward(dx, c.ffn, p, grads, ops)
         dz, grads[p + "ln2.weight"], grads[p + "ln2.bias"] = ops.layernorm_backward(dz, c.ln2)
         dx = dx + dz  # x feeds the residual and ln2
-        dz = time_mixing_backward(dx, c.att, p, grads)
+        dz = time_mixing_backward(dx, c.att, p, grads, ops)
         dz, grads[p + "ln1.weight"], grads[p + "ln1.bias"] = ops.layernorm_backward(dz, c.ln1)
         dx = dx + dz  # x feeds the residual and ln1
     dx, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = ops.layernorm_backward(dx, cache.ln0)

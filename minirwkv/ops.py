@@ -155,6 +155,26 @@ def mix_backward(dm, cache: MixCache):
     return dm * mix, dm * (1 - mix), dmix
 
 
+def token_shift_mix_forward(x, x_prev, mixes):
+    """The token shift and the mixes that read it: xx = shift(x), m_j = mix(x, xx, mixes[j]) for every j.
+
+    Time mixing has three mixes (mu_k, mu_v, mu_r), channel mixing two (mu_k, mu_r). One function so that a
+    kernel can do it in one pass over x (backends/numba_ops.py); this is its meaning.
+    x (B, T, C), x_prev (B, C) or None, mixes a tuple of (1, 1, C) -> a tuple of m_j (B, T, C), a tuple of MixCache.
+    """
+    xx = token_shift_forward(x, x_prev)  # (B, T, C)
+    outs, caches = zip(*(mix_forward(x, xx, mix) for mix in mixes))
+    return outs, caches
+
+
+def token_shift_mix_backward(dms, caches):
+    """-> dx (B, T, C), a tuple of dmix_j (1, 1, C). The forward read upwards."""
+    grads = [mix_backward(dm, cache) for dm, cache in zip(dms, caches)]
+    dx = sum(g[0] for g in grads)  # x feeds every mix ...
+    dxx = sum(g[1] for g in grads)  # ... and so does its shifted copy
+    return dx + token_shift_backward(dxx), tuple(g[2] for g in grads)  # x also feeds the shift
+
+
 # --- gates and activations -----------------------------------------------------------------------------------------
 
 def sigmoid(x):

@@ -146,3 +146,29 @@ def test_threads_can_be_set_and_queried():
         numba_wkv.set_threads(n)
     with pytest.raises(ValueError, match="threads"):
         numba_wkv.set_threads(0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [37, 64])
+def test_results_do_not_depend_on_the_channel_blocks(monkeypatch, dtype, C):
+    """Each (b, c) pair is its own recurrence: blocks of 16, 32 or a whole row (with a remainder block when C is not
+    a multiple) give bit-identical results, and the same as the reference."""
+    x = make_wkv_inputs(2, 9, C, seed=C, dtype=dtype)
+    results = []
+    for width in (16, 32, 4096):
+        monkeypatch.setattr(numba_wkv, "block_size", lambda B, C, width=width: width)
+        results.append(_run_numba(x))
+    for y, state, grads in results[1:]:
+        for a, e in zip((y, *state, *grads), (results[0][0], *results[0][1], *results[0][2])):
+            np.testing.assert_array_equal(a, e)
+    _check_same_as_reference(x)
+
+
+def test_block_size_is_a_multiple_of_the_simd_width_and_feeds_every_thread():
+    threads = numba_wkv.get_threads()
+    for B, C in [(1, 1), (1, 37), (8, 512), (1, 512), (3, 1000), (64, 16)]:
+        block = numba_wkv.block_size(B, C)
+        assert block % numba_wkv.SIMD_WIDTH == 0 and block >= numba_wkv.SIMD_WIDTH
+        tasks = B * -(-C // block)
+        assert tasks >= min(numba_wkv.TASKS_PER_THREAD * threads, B * -(-C // numba_wkv.SIMD_WIDTH))
+        assert block == numba_wkv.SIMD_WIDTH or block <= C + numba_wkv.SIMD_WIDTH - 1  # no wider than the row

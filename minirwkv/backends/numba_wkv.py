@@ -6,22 +6,31 @@ pair is an independent recurrence over t, so the pairs run in parallel and time 
 rwkv4-math sections 3.2 (forward) and 3.4 (backward); design and figures: docs/numba.md.
 
 Loop order. The arrays are (B, T, C) C-contiguous, so for one (b, c) pair consecutive time steps lie C elements
-apart. The kernels split the (b, c) pairs into blocks of ``BLOCK`` consecutive channels of one batch row; ``prange``
-runs over the blocks, and inside a block the loop over t is outside the loop over c. Each time step then reads
-one contiguous run of BLOCK channels (whole cache lines) instead of one element per line, and the per-(b, c)
-state lives in (B, C) arrays exactly as in the NumPy reference. (The alternative, prange over single (b, c) pairs
-with the state in scalars, was measured too: docs/numba.md.)
+apart. The kernels split the (b, c) pairs into blocks of consecutive channels of one batch row (``block_size``);
+``prange`` runs over the blocks, and inside a block the loop over t is outside the loop over c. Each time step
+then reads contiguous runs of channels, and the inner loop over c is a SIMD loop: LLVM vectorises it (8 float32
+lanes here) because it contains no call and no branch. That takes three things (docs/numba.md, "the ladder"):
+  * exp without libm: ``fastexp.exp_nonpositive`` (Cody-Waite + polynomial, < 1 ulp), and one exp per pair of
+    weights (``exp_shifted_pair``: the larger of the two is always exp(0) = 1), so 12 exps per (b, t, c) become 5;
+  * ``error_model="numpy"``: with Python's error model every division carries a branch to ZeroDivisionError;
+  * 1-D views per block and time step (``k_t = k[b, t, c0:c1]``) indexed from 0: with ``k[b, t, c]`` LLVM cannot
+    prove the index non-negative (Numba's wraparound select) and gives up on the dependence analysis.
+``fastmath={"contract"}`` lets a * b + c become one fused multiply-add (one rounding instead of two; no other
+fast-math licence): 15-20% faster, and no less accurate. The state lives in (B, C) arrays exactly as in the
+NumPy reference.
 
 Dtypes. float32 and float64 go through the same functions; Numba compiles one specialisation per dtype on first
 call. The kernels contain no floating-point literal: a Python float inside an njit function is a float64 and
 would silently promote float32 arithmetic. Every constant (0 and MIN_VALUE = -1e38) arrives in an array of the
-inputs' dtype, allocated by the Python wrapper (``zero_state``), so float32 stays float32 throughout.
+inputs' dtype, allocated by the Python wrapper (``zero_state``), so float32 stays float32 throughout; fastexp's
+constants are typed by the argument's dtype.
 
 Memory. The forward allocates y (B, T, C) and the (B, C) state. The backward stores s and r of every step as in
 the official kernel (rwkv4-math 3.4), as (B, T, C) arrays: 2·B·T·C floats beyond its outputs gk, gv (B, T, C)
 and a few (B, C) accumulators. No compile-time length (the official kernel's T_MAX): T is any size.
 
-Compilation is lazy (on the first call; importing compiles nothing) and cached on disk (``cache=True``).
+Compilation is lazy (on the first call; importing compiles nothing) and cached on disk (``cache=True``). Numba's
+cache is keyed on this file only: after editing fastexp.py, touch this file (or clear __pycache__) to recompile.
 Threads: Numba's pool; ``set_threads(n)`` / ``get_threads()`` below (or NUMBA_NUM_THREADS before start-up).
 """
 from __future__ import annotations
@@ -32,43 +41,53 @@ from numba import prange
 
 from ..wkv import MIN_VALUE, WKVState, zero_state
 from . import WKVBackend
+from .fastexp import exp_nonpositive, exp_shifted_pair
 
-BLOCK = 16  # channels per parallel task: 16 float32 = one 64-byte cache line per array and time step
+SIMD_WIDTH = 16  # channels per cache line of float32; blocks are multiples of it
+TASKS_PER_THREAD = 2  # enough tasks to balance the threads, as few as possible to keep the SIMD loops long
+
+
+def block_size(B: int, C: int) -> int:
+    """Channels per parallel task: as wide as possible (each time step restarts the SIMD loop over the block, with
+    its alias checks, so short blocks pay that set-up often), but narrow enough to give every thread
+    ``TASKS_PER_THREAD`` tasks when the batch alone does not. (8, *, 512) on 2 threads: one block of 512 per row.
+    """
+    blocks_per_row = max(1, -(-TASKS_PER_THREAD * numba.get_num_threads() // B))
+    width = -(-C // blocks_per_row)
+    return max(SIMD_WIDTH, -(-width // SIMD_WIDTH) * SIMD_WIDTH)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels (compiled on first call)
 # ---------------------------------------------------------------------------------------------------------------
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
-def _forward_kernel(w, u, k, v, y, aa, bb, pp):
+@numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
+def _forward_kernel(w, u, k, v, y, aa, bb, pp, block):
     """y[b, t, c] for all t, updating the state (aa, bb, pp) (B, C) in place: on entry the state before the first
     token, on return the state after the last. Transcribes ``wkv_step`` (rwkv4-math 3.2, official kernel_forward).
     """
     B, T, C = k.shape
-    n_blocks = (C + BLOCK - 1) // BLOCK
+    n_blocks = (C + block - 1) // block
     for task in prange(B * n_blocks):
         b = task // n_blocks
-        c0 = (task % n_blocks) * BLOCK
-        c1 = min(c0 + BLOCK, C)
+        c0 = (task % n_blocks) * block
+        c1 = min(c0 + block, C)
+        w_b, u_b, aa_b, bb_b, pp_b = w[c0:c1], u[c0:c1], aa[b, c0:c1], bb[b, c0:c1], pp[b, c0:c1]  # views
         for t in range(T):
-            for c in range(c0, c1):
-                ww = u[c] + k[b, t, c]  # log-weight of the current token in the output
-                q = max(pp[b, c], ww)
-                e1 = np.exp(pp[b, c] - q)  # weight of the past, scaled by e^-q
-                e2 = np.exp(ww - q)  # weight of the current token, scaled by e^-q
-                y[b, t, c] = (e1 * aa[b, c] + e2 * v[b, t, c]) / (e1 * bb[b, c] + e2)
-                ww = pp[b, c] + w[c]  # the past decays once
-                q = max(ww, k[b, t, c])
-                e1 = np.exp(ww - q)
-                e2 = np.exp(k[b, t, c] - q)
-                aa[b, c] = e1 * aa[b, c] + e2 * v[b, t, c]
-                bb[b, c] = e1 * bb[b, c] + e2
-                pp[b, c] = q
+            k_t, v_t, y_t = k[b, t, c0:c1], v[b, t, c0:c1], y[b, t, c0:c1]  # (block,) views of this step
+            for c in range(c1 - c0):  # vectorised (SIMD over channels): no calls, only selects
+                ww = u_b[c] + k_t[c]  # log-weight of the current token in the output
+                e1, e2, q = exp_shifted_pair(pp_b[c], ww)  # e1 = e^(pp - q) the past, e2 = e^(ww - q) the current
+                y_t[c] = (e1 * aa_b[c] + e2 * v_t[c]) / (e1 * bb_b[c] + e2)
+                ww = pp_b[c] + w_b[c]  # the past decays once
+                e1, e2, q = exp_shifted_pair(ww, k_t[c])
+                aa_b[c] = e1 * aa_b[c] + e2 * v_t[c]
+                bb_b[c] = e1 * bb_b[c] + e2
+                pp_b[c] = q
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
-def _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho, s, r, gk, gv):
+@numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
+def _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho, s, r, gk, gv, block):
     """Two sweeps of ``wkv_recurrent_backward`` (rwkv4-math 3.4, official kernel_backward), per (b, c) pair.
 
     In: w, u (C,); k, v, y, gy (B, T, C); the zero state aa, bb = 0, pp = MIN_VALUE, and dA = dB = gw = gu =
@@ -76,46 +95,48 @@ def _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho,
     them), gk, gv (B, T, C). Scratch: s, r (B, T, C), written by sweep 1 and read by sweep 2.
     """
     B, T, C = k.shape
-    n_blocks = (C + BLOCK - 1) // BLOCK
+    n_blocks = (C + block - 1) // block
     for task in prange(B * n_blocks):
         b = task // n_blocks
-        c0 = (task % n_blocks) * BLOCK
-        c1 = min(c0 + BLOCK, C)
+        c0 = (task % n_blocks) * block
+        c1 = min(c0 + block, C)
+        w_b, u_b, aa_b, bb_b, pp_b = w[c0:c1], u[c0:c1], aa[b, c0:c1], bb[b, c0:c1], pp[b, c0:c1]
+        dA_b, dB_b, gw_b, gu_b = dA[b, c0:c1], dB[b, c0:c1], gw[b, c0:c1], gu[b, c0:c1]
+        pa_b, qa_b, rho_b = pa[b, c0:c1], qa[b, c0:c1], rho[b, c0:c1]
         # Sweep 1, forward in time: recompute the state, accumulate gw and gu, store s_t and r_t.
         for t in range(T):
-            for c in range(c0, c1):
-                ww = u[c] + k[b, t, c]
-                q = max(pp[b, c], ww)
-                e1 = np.exp(pp[b, c] - q)
-                e2 = np.exp(ww - q)
-                s[b, t, c] = gy[b, t, c] / (e1 * bb[b, c] + e2)  # g_t / (D_t e^-q); |s_t| <= |g_t|
-                r[b, t, c] = ww - q
-                gw[b, c] += (dA[b, c] - y[b, t, c] * dB[b, c]) * e1 * s[b, t, c]
-                gu[b, c] += (v[b, t, c] - y[b, t, c]) * e2 * s[b, t, c]
-                ww = pp[b, c] + w[c]
-                q = max(ww, k[b, t, c])
-                e1 = np.exp(ww - q)
-                e2 = np.exp(k[b, t, c] - q)
-                dA[b, c] = e1 * (aa[b, c] + dA[b, c])  # A'_{t+1} = e^w (A'_t + a_t)
-                dB[b, c] = e1 * (bb[b, c] + dB[b, c])  # B'_{t+1} = e^w (B'_t + b_t)
-                aa[b, c] = e1 * aa[b, c] + e2 * v[b, t, c]
-                bb[b, c] = e1 * bb[b, c] + e2
-                pp[b, c] = q
+            k_t, v_t, y_t, gy_t = k[b, t, c0:c1], v[b, t, c0:c1], y[b, t, c0:c1], gy[b, t, c0:c1]
+            s_t, r_t = s[b, t, c0:c1], r[b, t, c0:c1]
+            for c in range(c1 - c0):
+                ww = u_b[c] + k_t[c]
+                e1, e2, q = exp_shifted_pair(pp_b[c], ww)
+                s_t[c] = gy_t[c] / (e1 * bb_b[c] + e2)  # g_t / (D_t e^-q); |s_t| <= |g_t|
+                r_t[c] = ww - q
+                gw_b[c] += (dA_b[c] - y_t[c] * dB_b[c]) * e1 * s_t[c]
+                gu_b[c] += (v_t[c] - y_t[c]) * e2 * s_t[c]
+                ww = pp_b[c] + w_b[c]
+                e1, e2, q = exp_shifted_pair(ww, k_t[c])
+                dA_b[c] = e1 * (aa_b[c] + dA_b[c])  # A'_{t+1} = e^w (A'_t + a_t)
+                dB_b[c] = e1 * (bb_b[c] + dB_b[c])  # B'_{t+1} = e^w (B'_t + b_t)
+                aa_b[c] = e1 * aa_b[c] + e2 * v_t[c]
+                bb_b[c] = e1 * bb_b[c] + e2
+                pp_b[c] = q
         # Sweep 2, backward in time: the future's P, Q as (pa, qa) with log-scale rho give gk_i and gv_i.
         for i in range(T - 1, -1, -1):
-            for c in range(c0, c1):
-                e1 = s[b, i, c] * np.exp(r[b, i, c])  # g_i e^{u+k_i} / D_i
-                e2 = np.exp(k[b, i, c] + rho[b, c])  # e^{k_i} times the scale of P, Q (<= 1: rho <= -k_i)
-                gk[b, i, c] = e1 * (v[b, i, c] - y[b, i, c]) + e2 * (pa[b, c] * v[b, i, c] + qa[b, c])
-                gv[b, i, c] = e1 + e2 * pa[b, c]
-                z = r[b, i, c] - u[c] - k[b, i, c]  # -q_i, so g_i / D_i = s_i e^z
-                ww = rho[b, c] + w[c]
-                q = max(ww, z)
-                e1 = np.exp(ww - q)
-                e2 = np.exp(z - q)
-                pa[b, c] = e1 * pa[b, c] + s[b, i, c] * e2
-                qa[b, c] = e1 * qa[b, c] - s[b, i, c] * e2 * y[b, i, c]
-                rho[b, c] = q
+            k_i, v_i, y_i, s_i, r_i = k[b, i, c0:c1], v[b, i, c0:c1], y[b, i, c0:c1], s[b, i, c0:c1], r[b, i, c0:c1]
+            gk_i, gv_i = gk[b, i, c0:c1], gv[b, i, c0:c1]
+            for c in range(c1 - c0):
+                e1 = s_i[c] * exp_nonpositive(r_i[c])  # g_i e^{u+k_i} / D_i; r_i = u + k_i - q_i <= 0
+                # e^{k_i} times the scale of P, Q (rho <= -k_i; rounding may put the sum a few ulp above 0: fine)
+                e2 = exp_nonpositive(k_i[c] + rho_b[c])
+                gk_i[c] = e1 * (v_i[c] - y_i[c]) + e2 * (pa_b[c] * v_i[c] + qa_b[c])
+                gv_i[c] = e1 + e2 * pa_b[c]
+                z = r_i[c] - u_b[c] - k_i[c]  # -q_i, so g_i / D_i = s_i e^z
+                ww = rho_b[c] + w_b[c]
+                e1, e2, q = exp_shifted_pair(ww, z)
+                pa_b[c] = e1 * pa_b[c] + s_i[c] * e2
+                qa_b[c] = e1 * qa_b[c] - s_i[c] * e2 * y_i[c]
+                rho_b[c] = q
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +151,7 @@ def forward(w, u, k, v, state: WKVState | None = None):
         state = zero_state(B, C, k.dtype)
     aa, bb, pp = (_checked_state(a, name, B, C, k.dtype) for a, name in zip(state, WKVState._fields))
     y = np.empty_like(k)  # (B, T, C)
-    _forward_kernel(w, u, k, v, y, aa, bb, pp)
+    _forward_kernel(w, u, k, v, y, aa, bb, pp, block_size(B, C))
     return y, WKVState(aa, bb, pp)
 
 
@@ -146,7 +167,7 @@ def backward(w, u, k, v, y, gy):
     r = np.empty_like(k)  # (B, T, C)
     gk = np.empty_like(k)  # (B, T, C)
     gv = np.empty_like(k)  # (B, T, C)
-    _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho, s, r, gk, gv)
+    _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho, s, r, gk, gv, block_size(B, C))
     return gw.sum(axis=0), gu.sum(axis=0), gk, gv  # no atomics: per-row partials, summed here as in the official code
 
 
