@@ -126,3 +126,84 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(arg)
     return overrides, rest
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; ``minirwkv train --key=value`` overrides any field (types checked).
+
+    The defaults train the default run of the README: a byte-level model of the Python standard library's source
+    (``data = "stdlib"``, embedded: nothing to download) in a few minutes on 2 CPU cores. docs/training.md.
+    """
+
+    # data and tokenizer
+    data: str = "stdlib"  # a text file, a folder written by `minirwkv prepare`, or a named corpus: stdlib, shakespeare
+    tokenizer: str = "byte"  # byte, char, bpe, gpt2 (minirwkv.tokenizer)
+    bpe_vocab_size: int = 1024  # only for tokenizer = "bpe"
+    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
+    # model (vocab_size comes from the tokenizer)
+    n_layer: int = 4
+    n_embd: int = 128
+    dim_ffn: int | None = None  # None: 4 n_embd
+    dtype: str = "float32"  # float32 or float64
+    # batches
+    block_size: int = 128  # T: tokens per sequence
+    batch_size: int = 12  # B: sequences per step
+    # optimizer (minirwkv.optim)
+    learning_rate: float = 2e-3
+    lr_final: float = 1e-4
+    lr_decay: str = "cosine"  # cosine, exponential (v4neo), linear, constant
+    warmup_iters: int = 50
+    warmup: str = "rwkv"  # rwkv: lr (0.2 + 0.8 step / warmup_iters); linear: lr (step + 1) / (warmup_iters + 1)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # decoupled, matrices only
+    grad_clip: float = 1.0  # global norm; 0 disables
+    l2wrap: bool = True  # RWKV-LM's L2Wrap logits regulariser (rwkv4-math 2.7)
+    # length of the run
+    max_iters: int = 1000
+    max_seconds: float = 0.0  # wall-clock budget (> 0): stop, evaluate and save at the deadline
+    # evaluation, logging, checkpoints
+    eval_interval: int = 200
+    eval_iters: int = 8  # fixed validation batches, the same at every evaluation
+    log_interval: int = 10
+    out_dir: str = "out"
+    resume: bool = False
+    plot: bool = True  # write loss.png at the end (needs matplotlib, the `plot` extra)
+    sample_tokens: int = 300  # text printed by `minirwkv train` when it ends (0: none)
+    # reproducibility and hardware
+    seed: int = 1337
+    impl: str = "auto"  # WKV backend: auto, numba, numpy, parallel, cupy, cuda-shim
+    device: str = "cpu"  # cpu (NumPy) or cuda (CuPy)
+    blas_threads: int = 1  # BLAS threads during training (0: leave as is); small matrices run fastest on one
+
+    def __post_init__(self):
+        positive = ("n_layer", "n_embd", "block_size", "batch_size", "eval_iters", "log_interval", "eval_interval",
+                    "bpe_vocab_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        choices = {"lr_decay": ("cosine", "exponential", "linear", "constant"), "warmup": ("rwkv", "linear"),
+                   "tokenizer": ("byte", "char", "bpe", "gpt2")}  # the names of minirwkv.optim / tokenizer
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0 or self.lr_final < 0:
+            raise ValueError(f"--learning_rate must be > 0 and --lr_final >= 0, got {self.learning_rate}, "
+                             f"{self.lr_final}")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, n_embd=self.n_embd, n_layer=self.n_layer, dim_ffn=self.dim_ffn)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,6 @@
+"""``python -m minirwkv ...``: the same as the ``minirwkv`` command (minirwkv/cli.py)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,303 @@
+"""The training loop, read top to bottom (docs/training.md).
+
+    config -> data -> tokenizer -> params (init, or resume from last.ckpt) -> for each step:
+        lr schedule -> batch (seed, step) -> loss_and_grads -> finite? -> clip -> AdamW
+        every eval_interval: val loss on fixed batches, save last.ckpt (and best.ckpt when it improves)
+
+A checkpoint holds the weights, the AdamW moments, the step, the model and train configs, the tokenizer's spec, the
+WKV backend used and the sha256 of the corpus; it is written atomically (``minirwkv.checkpoint``). Because a batch
+is a function of (seed, step) and the optimizer state is saved whole, ``resume`` continues bit-identically.
+Ctrl-C saves last.ckpt and returns; a non-finite loss raises ``NonFiniteLoss`` and saves nothing, so the last good
+checkpoint is left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from . import optim
+from .backends import get_backend
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import check_split, get_batch, load_dataset
+from .model import config_from_params, forward, init_params, loss_and_grads
+from .ops import cross_entropy_forward
+from .tokenizer import tokenizer_from_spec
+
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradients became NaN/inf; nothing was saved after the last good checkpoint."""
+
+
+class TrainState(NamedTuple):
+    params: dict  # official key -> array (NumPy or CuPy)
+    opt: optim.AdamWState  # opt.step is the number of updates taken: the step counter of the run
+
+
+class TrainResult(NamedTuple):
+    params: dict
+    step: int
+    val_loss: float | None  # at the end (None when interrupted)
+    best_val: float
+    tokenizer: object
+    backend: str
+    out_dir: Path
+    elapsed: float  # seconds, summed over resumed segments
+    interrupted: bool
+
+
+def array_module(device: str):
+    """NumPy for "cpu"; CuPy for "cuda", with a clear error when CuPy or the GPU is missing."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # ImportError, or CUDARuntimeError without a driver or GPU
+        raise RuntimeError(f"--device cuda needs CuPy and an NVIDIA GPU ({type(e).__name__}: {e}); install the gpu "
+                           f"extra (pip install 'minirwkv[gpu]') or train with --device cpu") from None
+    return cupy
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Limit the BLAS library's threads to ``n`` while training (0: no change).
+
+    The products of a small model (C = 128) are too short to share between threads: on 2 cores one OpenBLAS
+    thread ran a step in 82 ms, two in 115 ms (docs/training.md). Needs threadpoolctl; without it, nothing changes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    if n <= 0 or threadpool_limits is None:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def to_numpy(params: dict) -> dict:
+    return {k: (a.get() if type(a).__module__.startswith("cupy") else a) for k, a in params.items()}
+
+
+class Logger:
+    """Plain progress lines on stdout, a progress bar on stderr only when it is a terminal, records in log.jsonl."""
+
+    def __init__(self, path: Path, max_iters: int, echo: Callable = print):
+        self.file = open(path, "a")
+        self.max_iters = max_iters
+        self.echo = echo
+        self.bar = sys.stderr.isatty()
+
+    def record(self, **fields):
+        self.file.write(json.dumps(fields) + "\n")
+        self.file.flush()
+
+    def line(self, text: str):
+        if self.bar:
+            sys.stderr.write("\r\033[K")
+        self.echo(text)
+
+    def progress(self, step: int, loss: float):
+        if self.bar:
+            done = int(30 * step / max(self.max_iters, 1))
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.max_iters} loss {loss:.4f}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.bar:
+            sys.stderr.write("\r\033[K")
+        self.file.close()
+
+
+def evaluate(params: dict, val: np.ndarray, config: TrainConfig, impl: str, xp) -> float:
+    """Mean loss over eval_iters fixed validation batches (stream 1 of the seed), the same at every evaluation."""
+    losses = []
+    for i in range(config.eval_iters):
+        x, y = get_batch(val, config.block_size, config.batch_size, config.seed, i, stream=1)
+        logits = forward(params, xp.asarray(x), impl=impl)  # (B, T, V)
+        losses.append(cross_entropy_forward(logits, xp.asarray(y))[0])
+    return float(np.mean(losses))
+
+
+def save(path: Path, state: TrainState, meta: dict):
+    """Write a checkpoint atomically; a failed write (a full disk) leaves the previous file as it was."""
+    try:
+        save_checkpoint(path, to_numpy(state.params), meta={**meta, "step": state.opt.step},
+                        arrays=optim.state_to_arrays(state.opt))
+    except OSError as e:
+        raise RuntimeError(f"could not save {path} at step {state.opt.step} ({e.strerror or e}); the previous "
+                           f"{path.name}, if any, is untouched. Free some space, then continue with --resume=true") \
+            from None
+
+
+def resume_state(path: Path, config: TrainConfig, xp):
+    """(TrainState, checkpoint meta) from ``path``, after checking it is a run of the same model."""
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"cannot resume from {path}: {e}") from None
+    saved = config_from_params(ckpt.params)
+    wanted = (config.n_layer, config.n_embd, config.dim_ffn or 4 * config.n_embd)
+    if (saved.n_layer, saved.n_embd, saved.dim_ffn) != wanted:
+        raise ValueError(f"cannot resume from {path}: it holds a model with n_layer={saved.n_layer}, "
+                         f"n_embd={saved.n_embd}, dim_ffn={saved.dim_ffn}; the config asks for n_layer="
+                         f"{wanted[0]}, n_embd={wanted[1]}, dim_ffn={wanted[2]}. Use the same shape, or a new out_dir")
+    dtype = np.dtype(config.dtype)
+    params = {k: xp.asarray(np.array(a, dtype=dtype)) for k, a in ckpt.params.items()}
+    opt = optim.state_from_arrays(ckpt.arrays, ckpt.meta.get("step", 0), params)
+    return TrainState(params, opt), ckpt.meta
+
+
+def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable = print) -> TrainResult:
+    """Train as ``config`` says; ``on_step(step, loss)`` is called after every update (tests raise from it)."""
+    with blas_threads(config.blas_threads if config.device == "cpu" else 0):
+        return _train(config, on_step, echo)
+
+
+def _train(config: TrainConfig, on_step: Callable | None, echo: Callable) -> TrainResult:
+    t_start = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    xp = array_module(config.device)
+
+    # --- resume: the checkpoint fixes the tokenizer, the weights and the optimizer state -----------------------
+    meta, tokenizer = {}, None
+    if config.resume:
+        if not (out / LAST).exists():
+            raise ValueError(f"--resume: no {out / LAST} to resume from; train once without --resume first")
+        state, meta = resume_state(out / LAST, config, xp)
+        if "tokenizer" not in meta or "step" not in meta:
+            raise ValueError(f"cannot resume from {out / LAST}: it was not written by minirwkv train (no step or "
+                             f"tokenizer in its metadata); start a new run in another out_dir")
+        tokenizer = tokenizer_from_spec(meta["tokenizer"])
+
+    # --- data and tokenizer ---------------------------------------------------------------------------------------
+    data = load_dataset(config.data, config.tokenizer, config.val_fraction, config.bpe_vocab_size, tokenizer)
+    tokenizer = data.tokenizer
+    check_split(data.train, config.block_size, "train")
+    check_split(data.val, config.block_size, "val")
+    if config.resume and meta.get("data_sha256") != data.fingerprint:
+        raise ValueError(f"--resume: {out / LAST} was trained on other text (sha256 {meta.get('data_sha256')}) "
+                         f"than --data {config.data} (sha256 {data.fingerprint}); pass the same corpus")
+
+    # --- parameters -----------------------------------------------------------------------------------------------
+    model_config = config.model_config(tokenizer.vocab_size)
+    if not config.resume:
+        params = {k: xp.asarray(a) for k, a in init_params(model_config, config.seed, np.dtype(config.dtype)).items()}
+        state = TrainState(params, optim.adamw_init(params))
+    elif state.params["emb.weight"].shape[0] != tokenizer.vocab_size:
+        raise ValueError(f"--resume: the checkpoint's vocabulary ({state.params['emb.weight'].shape[0]}) differs "
+                         f"from its tokenizer's ({tokenizer.vocab_size}): a corrupt checkpoint")
+    backend = get_backend(config.impl, on_gpu=xp is not np).name
+    run_meta = {"model": {"vocab_size": model_config.vocab_size, "n_embd": model_config.n_embd,
+                          "n_layer": model_config.n_layer, "dim_ffn": model_config.dim_ffn},
+                "train": config.to_dict(), "tokenizer": tokenizer.spec(), "backend": backend,
+                "data_sha256": data.fingerprint}
+    (out / "run_config.json").write_text(json.dumps({**run_meta, "data_stats": data.stats}, indent=1))
+    best_val = float(meta.get("best_val", math.inf))
+    elapsed_before = float(meta.get("elapsed", 0.0))
+    n_params = sum(int(a.size) for a in state.params.values())
+    echo(f"{'resuming at step ' + str(state.opt.step) if config.resume else 'training'}: {n_params:,} parameters "
+         f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab {tokenizer.vocab_size}, {tokenizer.name} "
+         f"tokens), WKV backend {backend}, device {config.device}, {data.stats['train_tokens']:,} train tokens")
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    log = Logger(out / "log.jsonl", config.max_iters, echo)
+    tokens_per_step = config.batch_size * config.block_size
+    budget = config.max_seconds if config.max_seconds > 0 else math.inf
+    eval_seconds = step_seconds = 0.0  # the last evaluation's and step's durations: the deadline keeps room
+
+    def elapsed():
+        return time.perf_counter() - t_start
+
+    def do_eval():
+        nonlocal best_val, eval_seconds
+        t0 = time.perf_counter()
+        val_loss = evaluate(state.params, data.val, config, backend, xp)
+        eval_seconds = time.perf_counter() - t0
+        log.record(kind="eval", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3), val_loss=val_loss)
+        log.line(f"step {state.opt.step}: val loss {val_loss:.4f} ({elapsed_before + elapsed():.0f} s)")
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        save_meta = {**run_meta, "val_loss": val_loss, "best_val": best_val,
+                     "elapsed": elapsed_before + elapsed()}
+        save(out / LAST, state, save_meta)
+        if improved:
+            save(out / BEST, state, save_meta)
+        return val_loss
+
+    interrupted, val_loss = False, None
+    window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
+    try:
+        while state.opt.step < config.max_iters:
+            step = state.opt.step
+            if step % config.eval_interval == 0 and not (config.resume and step == meta.get("step")
+                                                         and "val_loss" in meta):
+                do_eval()
+            if elapsed() + 1.5 * eval_seconds + step_seconds >= budget:  # room for one more step and the eval
+                log.line(f"wall-clock budget of {budget:.0f} s reached at step {step}")
+                break
+            progress = None if budget == math.inf else elapsed() / budget
+            lr = optim.learning_rate(step, config.learning_rate, config.lr_final, config.warmup_iters,
+                                     config.max_iters, config.lr_decay, config.warmup, progress)
+            t_step = time.perf_counter()
+            x, y = get_batch(data.train, config.block_size, config.batch_size, config.seed, step)
+            try:
+                loss, grads = loss_and_grads(state.params, xp.asarray(x), xp.asarray(y), impl=backend,
+                                             l2wrap=config.l2wrap)
+            except FloatingPointError as e:
+                raise _non_finite(step, str(e), out) from None
+            grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise _non_finite(step, f"loss {loss}, gradient norm {norm}", out)
+            params, opt = optim.adamw_step(state.params, grads, state.opt, lr, (config.beta1, config.beta2),
+                                           config.eps, config.weight_decay, fused=backend == "numba")
+            state = TrainState(params, opt)  # one assignment: Ctrl-C sees the old pair or the new one
+            step_seconds = time.perf_counter() - t_step
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+            if state.opt.step % config.log_interval == 0 or state.opt.step == config.max_iters:
+                dt = (time.perf_counter() - t_window) / window_steps
+                log.record(kind="train", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3),
+                           loss=window_loss / window_steps, lr=lr, grad_norm=norm, ms_per_step=1000 * dt,
+                           tokens_per_s=tokens_per_step / dt)
+                log.line(f"step {state.opt.step}: loss {window_loss / window_steps:.4f}, lr {lr:.2e}, "
+                         f"{1000 * dt:.0f} ms/step, {tokens_per_step / dt:,.0f} tokens/s")
+                window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
+            log.progress(state.opt.step, loss)
+            if on_step is not None:
+                on_step(state.opt.step, loss)
+        val_loss = do_eval()
+    except KeyboardInterrupt:
+        interrupted = True
+        save(out / LAST, state, {**run_meta, "best_val": best_val, "elapsed": elapsed_before + elapsed()})
+        log.line(f"interrupted at step {state.opt.step}: saved {out / LAST}; continue with --resume=true")
+    finally:
+        log.close()
+
+    if config.plot and not interrupted:
+        from .plot import PlotUnavailable, plot_log
+
+        try:
+            echo(f"loss curve: {plot_log(out / 'log.jsonl')}")
+        except PlotUnavailable as e:
+            echo(f"no loss curve: {e}")
+    return TrainResult(state.params, state.opt.step, val_loss, best_val, tokenizer, backend, out,
+                       elapsed_before + elapsed(), interrupted)
+
+
+def _non_finite(step: int, what: str, out: Path) -> NonFiniteLoss:
+    kept = f"the last good checkpoint {out / LAST} is untouched" if (out / LAST).exists() else "nothing was saved"
+    return NonFiniteLoss(f"non-finite loss at step {step} ({what}): training stopped; {kept}. Resume from it with a "
+                         f"lower --learning_rate or --grad_clip (--resume=true)")
