@@ -172,7 +172,7 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     rng = np.random.default_rng(seed)
-    V, C, L, F = config.vocab_size, config.n_embd, config.n_layer, config.dim_ffn
+    C, L = config.n_embd, config.n_layer
     d = np.arange(C) / C  # (C,) channel ramp, d_0 = 0
     h = np.arange(C)
     params = {}
