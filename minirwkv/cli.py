@@ -18,6 +18,7 @@ import sys
 import tomllib
 
 from .config import TrainConfig, apply_overrides, field_types, parse_overrides
+from .distributed import launched_rank
 
 COMMANDS = ("train", "sample", "prepare", "plot", "convert", "bench")
 
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
         return {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "plot": cmd_plot,
                 "convert": cmd_convert, "bench": cmd_bench}[command](rest)
     except (ValueError, RuntimeError) as e:  # bad input: the message names the problem and the fix
-        print(f"minirwkv {command}: error: {e}", file=sys.stderr)
+        if launched_rank() == 0:  # under mpiexec every rank raises the same error; rank 0 reports it
+            print(f"minirwkv {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop (which saves and returns): nothing to save
         print(f"\nminirwkv {command}: interrupted", file=sys.stderr)
@@ -108,10 +110,13 @@ def cmd_train(argv: list[str]) -> int:
     try:
         result = train(config)
     except NonFiniteLoss as e:
-        print(f"minirwkv train: {e}", file=sys.stderr)
+        if launched_rank() == 0:  # under mpiexec every rank stops at the same step; rank 0 reports it
+            print(f"minirwkv train: {e}", file=sys.stderr)
         return 1
     if result.interrupted:
         return 130  # the shell's convention for "stopped by Ctrl-C"; last.ckpt is saved
+    if result.rank != 0:  # a data-parallel run: rank 0 prints the summary and the sample
+        return 0
     print(f"done: step {result.step}, val loss {result.val_loss:.4f} (best {result.best_val:.4f}), "
           f"{result.elapsed:.0f} s; checkpoints in {result.out_dir}")
     if config.sample_tokens > 0:

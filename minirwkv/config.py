@@ -177,6 +177,7 @@ class TrainConfig:
     impl: str = "auto"  # WKV backend: auto, numba, numpy, parallel, cupy, cuda-shim
     device: str = "cpu"  # cpu (NumPy) or cuda (CuPy)
     blas_threads: int = 1  # BLAS threads during training (0: leave as is); small matrices run fastest on one
+    distributed: str = "auto"  # auto: data-parallel over MPI when launched by mpiexec -n N > 1; off; mpi (always)
 
     def __post_init__(self):
         positive = ("n_layer", "n_embd", "block_size", "batch_size", "eval_iters", "log_interval", "eval_interval",
@@ -194,7 +195,8 @@ class TrainConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         choices = {"lr_decay": ("cosine", "exponential", "linear", "constant"), "warmup": ("rwkv", "linear"),
-                   "tokenizer": ("byte", "char", "bpe", "gpt2")}  # the names of minirwkv.optim / tokenizer
+                   "tokenizer": ("byte", "char", "bpe", "gpt2"),
+                   "distributed": ("auto", "off", "mpi")}  # the names of minirwkv.optim / tokenizer
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -235,15 +235,31 @@ def check_split(tokens: np.ndarray, block_size: int, split: str):
                          + (", or a larger --val_fraction" if split == "val" else ""))
 
 
-def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = 0):
+def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = 0,
+              rank: int = 0, world_size: int = 1):
     """Batch ``step`` of the run with this ``seed``: x, y (B, T) int64, y = x shifted by one token.
 
     Offsets come from ``np.random.default_rng([seed, stream, step])`` (stream 0: training, 1: validation), so the
     batch depends only on these numbers: resuming replays the uninterrupted run exactly.
+
+    Data-parallel runs (minirwkv.distributed): ``batch_size`` is the global batch, and process ``rank`` of
+    ``world_size`` gets its rows [rank B/N, (rank+1) B/N), (B/N, T). All ranks draw the same B offsets, so the
+    union of their shares is the single-process batch, whatever N is.
     """
     check_split(tokens, block_size, "train" if stream == 0 else "val")
+    share = shard_rows(batch_size, rank, world_size)
     rng = np.random.default_rng([seed, stream, step])
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,) the last start leaves one target
-    rows = starts[:, None] + np.arange(block_size + 1)  # (B, T + 1)
-    chunk = np.asarray(tokens[rows], dtype=np.int64)  # (B, T + 1)
+    rows = starts[share, None] + np.arange(block_size + 1)  # (B/N, T + 1)
+    chunk = np.asarray(tokens[rows], dtype=np.int64)  # (B/N, T + 1)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def shard_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of a global batch of ``batch_size`` that process ``rank`` of ``world_size`` computes."""
+    if batch_size % world_size:
+        lower, upper = batch_size // world_size * world_size, (batch_size // world_size + 1) * world_size
+        raise ValueError(f"--batch_size={batch_size} is the global batch, split evenly over {world_size} "
+                         f"processes: use a multiple of {world_size} (e.g. {lower or upper} or {upper})")
+    per_rank = batch_size // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)

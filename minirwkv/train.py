@@ -9,6 +9,10 @@ WKV backend used and the sha256 of the corpus; it is written atomically (``minir
 is a function of (seed, step) and the optimizer state is saved whole, ``resume`` continues bit-identically.
 Ctrl-C saves last.ckpt and returns; a non-finite loss raises ``NonFiniteLoss`` and saves nothing, so the last good
 checkpoint is left as it was.
+
+Under ``mpiexec -n N`` the same loop runs data-parallel (``minirwkv.distributed``, docs/distributed.md): each rank
+computes B/N rows of the global batch, one Allreduce averages the loss and the gradients, every rank applies the
+same update, and rank 0 alone evaluates, logs and writes files. With one process none of that code runs.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from . import optim
 from .backends import get_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import check_split, get_batch, load_dataset
+from .data import check_split, get_batch, load_dataset, shard_rows
+from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
+                          init_world, on_root, threads_per_rank)
 from .model import config_from_params, forward, init_params, loss_and_grads
 from .ops import cross_entropy_forward
 from .tokenizer import tokenizer_from_spec
@@ -53,6 +59,8 @@ class TrainResult(NamedTuple):
     out_dir: Path
     elapsed: float  # seconds, summed over resumed segments
     interrupted: bool
+    rank: int = 0  # this process's rank in a data-parallel run (0 alone prints and writes files)
+    world_size: int = 1  # the number of processes
 
 
 def array_module(device: str):
@@ -121,6 +129,26 @@ class Logger:
         self.file.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log: nothing (rank 0 reports for the whole run)."""
+
+    def record(self, **fields):
+        pass
+
+    def line(self, text: str):
+        pass
+
+    def progress(self, step: int, loss: float):
+        pass
+
+    def close(self):
+        pass
+
+
+def quiet(*args):
+    pass
+
+
 def evaluate(params: dict, val: np.ndarray, config: TrainConfig, impl: str, xp) -> float:
     """Mean loss over eval_iters fixed validation batches (stream 1 of the seed), the same at every evaluation."""
     losses = []
@@ -160,16 +188,150 @@ def resume_state(path: Path, config: TrainConfig, xp):
     return TrainState(params, opt), ckpt.meta
 
 
-def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable = print) -> TrainResult:
-    """Train as ``config`` says; ``on_step(step, loss)`` is called after every update (tests raise from it)."""
-    with blas_threads(config.blas_threads if config.device == "cpu" else 0):
-        return _train(config, on_step, echo)
+def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable = print, world=None) -> TrainResult:
+    """Train as ``config`` says; ``on_step(step, loss)`` is called after every update (tests raise from it).
+
+    ``world``: the processes training together; by default ``init_world(config.distributed)`` decides (one process
+    unless launched by mpiexec). Tests pass a fake.
+    """
+    world = init_world(config.distributed, config.device) if world is None else world
+    with blas_threads(config.blas_threads if config.device == "cpu" else 0), threads_per_rank(world):
+        return _train(config, on_step, echo if world.rank == 0 else quiet, world)
 
 
-def _train(config: TrainConfig, on_step: Callable | None, echo: Callable) -> TrainResult:
+def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=SingleProcess()) -> TrainResult:
     t_start = time.perf_counter()
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    root = world.rank == 0  # rank 0 evaluates, logs and writes files; in a single process, the only rank
+    # every rank sets up, and all stop together when one cannot (a file only one of them misses)
+    with agree(world):
+        shard_rows(config.batch_size, world.rank, world.size)  # the global batch must split evenly
+        state, meta, data, tokenizer, backend, model_config = _setup(config, out, root)
+    xp = array_module(config.device)
+    if world.size > 1:  # every rank starts from rank 0's parameters and moments, whatever each loaded
+        params, m, v = broadcast_state(world, state.params, state.opt.m, state.opt.v, xp)
+        state = TrainState(params, optim.AdamWState(world.bcast(state.opt.step), m, v))
+    run_meta = {"model": {"vocab_size": model_config.vocab_size, "n_embd": model_config.n_embd,
+                          "n_layer": model_config.n_layer, "dim_ffn": model_config.dim_ffn},
+                "train": config.to_dict(), "tokenizer": tokenizer.spec(), "backend": backend,
+                "data_sha256": data.fingerprint}
+    if world.size > 1:
+        run_meta["world_size"] = world.size
+    if root:
+        (out / "run_config.json").write_text(json.dumps({**run_meta, "data_stats": data.stats}, indent=1))
+    best_val = float(meta.get("best_val", math.inf))
+    elapsed_before = float(meta.get("elapsed", 0.0))
+    n_params = sum(int(a.size) for a in state.params.values())
+    parallel = (f", data-parallel over {world.size} processes ({world.backend}): {config.batch_size // world.size} "
+                f"of the {config.batch_size} rows each" if world.size > 1 else "")
+    echo(f"{'resuming at step ' + str(state.opt.step) if config.resume else 'training'}: {n_params:,} parameters "
+         f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab {tokenizer.vocab_size}, {tokenizer.name} "
+         f"tokens), WKV backend {backend}, device {config.device}, {data.stats['train_tokens']:,} train tokens"
+         f"{parallel}")
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    log = Logger(out / "log.jsonl", config.max_iters, echo) if root else NullLogger()
+    tokens_per_step = config.batch_size * config.block_size  # the global batch, over all ranks
+    layout = flat_layout(state.params) if world.size > 1 else None  # the gradients' places in the flat buffer
+    budget = config.max_seconds if config.max_seconds > 0 else math.inf
+    eval_seconds = step_seconds = 0.0  # the last evaluation's and step's durations: the deadline keeps room
+
+    def elapsed():
+        return time.perf_counter() - t_start
+
+    def evaluate_and_save():  # rank 0 only
+        val_loss = evaluate(state.params, data.val, config, backend, xp)
+        log.record(kind="eval", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3), val_loss=val_loss)
+        log.line(f"step {state.opt.step}: val loss {val_loss:.4f} ({elapsed_before + elapsed():.0f} s)")
+        improved = val_loss < best_val
+        new_best = min(best_val, val_loss)
+        save_meta = {**run_meta, "val_loss": val_loss, "best_val": new_best, "elapsed": elapsed_before + elapsed()}
+        save(out / LAST, state, save_meta)
+        if improved:
+            save(out / BEST, state, save_meta)
+        return val_loss, new_best
+
+    def do_eval():
+        nonlocal best_val, eval_seconds
+        t0 = time.perf_counter()
+        val_loss, best_val = on_root(world, evaluate_and_save)  # the other ranks wait for rank 0's verdict
+        if world.size > 1:
+            check_in_step(world, state.params, state.opt.step)
+        eval_seconds = time.perf_counter() - t0
+        return val_loss
+
+    interrupted, val_loss = False, None
+    window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
+    try:
+        while state.opt.step < config.max_iters:
+            step = state.opt.step
+            if step % config.eval_interval == 0 and not (config.resume and step == meta.get("step")
+                                                         and "val_loss" in meta):
+                do_eval()
+            stop = elapsed() + 1.5 * eval_seconds + step_seconds >= budget  # room for one more step and the eval
+            progress = None if budget == math.inf else elapsed() / budget
+            if world.size > 1 and budget != math.inf:  # rank 0's clock decides, so every rank stops together
+                stop, progress = world.bcast((stop, progress))
+            if stop:
+                log.line(f"wall-clock budget of {budget:.0f} s reached at step {step}")
+                break
+            lr = optim.learning_rate(step, config.learning_rate, config.lr_final, config.warmup_iters,
+                                     config.max_iters, config.lr_decay, config.warmup, progress)
+            t_step = time.perf_counter()
+            x, y = get_batch(data.train, config.block_size, config.batch_size, config.seed, step,
+                             rank=world.rank, world_size=world.size)  # (B/N, T) this rank's share
+            try:
+                loss, grads = loss_and_grads(state.params, xp.asarray(x), xp.asarray(y), impl=backend,
+                                             l2wrap=config.l2wrap)
+            except FloatingPointError as e:
+                if world.size == 1:
+                    raise _non_finite(step, str(e), out) from None
+                loss, grads = math.nan, None  # NaN to the others: every rank stops at this step
+            if world.size > 1:  # mean over the ranks' shares = the gradient of the global batch
+                loss, grads = average_gradients(world, layout, grads, loss, xp, np.dtype(config.dtype))
+            grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise _non_finite(step, f"loss {loss}, gradient norm {norm}", out)
+            params, opt = optim.adamw_step(state.params, grads, state.opt, lr, (config.beta1, config.beta2),
+                                           config.eps, config.weight_decay, fused=backend == "numba")
+            state = TrainState(params, opt)  # one assignment: Ctrl-C sees the old pair or the new one
+            step_seconds = time.perf_counter() - t_step
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+            if state.opt.step % config.log_interval == 0 or state.opt.step == config.max_iters:
+                dt = (time.perf_counter() - t_window) / window_steps
+                log.record(kind="train", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3),
+                           loss=window_loss / window_steps, lr=lr, grad_norm=norm, ms_per_step=1000 * dt,
+                           tokens_per_s=tokens_per_step / dt)
+                log.line(f"step {state.opt.step}: loss {window_loss / window_steps:.4f}, lr {lr:.2e}, "
+                         f"{1000 * dt:.0f} ms/step, {tokens_per_step / dt:,.0f} tokens/s")
+                window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
+            log.progress(state.opt.step, loss)
+            if on_step is not None:
+                on_step(state.opt.step, loss)
+        val_loss = do_eval()
+    except KeyboardInterrupt:  # under mpiexec every rank gets the signal; rank 0 saves, without a collective
+        interrupted = True
+        if root:
+            save(out / LAST, state, {**run_meta, "best_val": best_val, "elapsed": elapsed_before + elapsed()})
+        log.line(f"interrupted at step {state.opt.step}: saved {out / LAST}; continue with --resume=true")
+    finally:
+        log.close()
+
+    if config.plot and not interrupted and root:
+        from .plot import PlotUnavailable, plot_log
+
+        try:
+            echo(f"loss curve: {plot_log(out / 'log.jsonl')}")
+        except PlotUnavailable as e:
+            echo(f"no loss curve: {e}")
+    return TrainResult(state.params, state.opt.step, val_loss, best_val, tokenizer, backend, out,
+                       elapsed_before + elapsed(), interrupted, world.rank, world.size)
+
+
+def _setup(config: TrainConfig, out: Path, root: bool):
+    """(TrainState, checkpoint meta, Dataset, tokenizer, WKV backend name, ModelConfig) of a new or resumed run."""
+    if root:
+        out.mkdir(parents=True, exist_ok=True)
     xp = array_module(config.device)
 
     # --- resume: the checkpoint fixes the tokenizer, the weights and the optimizer state -----------------------
@@ -201,100 +363,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable) -> Tra
         raise ValueError(f"--resume: the checkpoint's vocabulary ({state.params['emb.weight'].shape[0]}) differs "
                          f"from its tokenizer's ({tokenizer.vocab_size}): a corrupt checkpoint")
     backend = get_backend(config.impl, on_gpu=xp is not np).name
-    run_meta = {"model": {"vocab_size": model_config.vocab_size, "n_embd": model_config.n_embd,
-                          "n_layer": model_config.n_layer, "dim_ffn": model_config.dim_ffn},
-                "train": config.to_dict(), "tokenizer": tokenizer.spec(), "backend": backend,
-                "data_sha256": data.fingerprint}
-    (out / "run_config.json").write_text(json.dumps({**run_meta, "data_stats": data.stats}, indent=1))
-    best_val = float(meta.get("best_val", math.inf))
-    elapsed_before = float(meta.get("elapsed", 0.0))
-    n_params = sum(int(a.size) for a in state.params.values())
-    echo(f"{'resuming at step ' + str(state.opt.step) if config.resume else 'training'}: {n_params:,} parameters "
-         f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab {tokenizer.vocab_size}, {tokenizer.name} "
-         f"tokens), WKV backend {backend}, device {config.device}, {data.stats['train_tokens']:,} train tokens")
-
-    # --- the loop ---------------------------------------------------------------------------------------------------
-    log = Logger(out / "log.jsonl", config.max_iters, echo)
-    tokens_per_step = config.batch_size * config.block_size
-    budget = config.max_seconds if config.max_seconds > 0 else math.inf
-    eval_seconds = step_seconds = 0.0  # the last evaluation's and step's durations: the deadline keeps room
-
-    def elapsed():
-        return time.perf_counter() - t_start
-
-    def do_eval():
-        nonlocal best_val, eval_seconds
-        t0 = time.perf_counter()
-        val_loss = evaluate(state.params, data.val, config, backend, xp)
-        eval_seconds = time.perf_counter() - t0
-        log.record(kind="eval", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3), val_loss=val_loss)
-        log.line(f"step {state.opt.step}: val loss {val_loss:.4f} ({elapsed_before + elapsed():.0f} s)")
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        save_meta = {**run_meta, "val_loss": val_loss, "best_val": best_val,
-                     "elapsed": elapsed_before + elapsed()}
-        save(out / LAST, state, save_meta)
-        if improved:
-            save(out / BEST, state, save_meta)
-        return val_loss
-
-    interrupted, val_loss = False, None
-    window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
-    try:
-        while state.opt.step < config.max_iters:
-            step = state.opt.step
-            if step % config.eval_interval == 0 and not (config.resume and step == meta.get("step")
-                                                         and "val_loss" in meta):
-                do_eval()
-            if elapsed() + 1.5 * eval_seconds + step_seconds >= budget:  # room for one more step and the eval
-                log.line(f"wall-clock budget of {budget:.0f} s reached at step {step}")
-                break
-            progress = None if budget == math.inf else elapsed() / budget
-            lr = optim.learning_rate(step, config.learning_rate, config.lr_final, config.warmup_iters,
-                                     config.max_iters, config.lr_decay, config.warmup, progress)
-            t_step = time.perf_counter()
-            x, y = get_batch(data.train, config.block_size, config.batch_size, config.seed, step)
-            try:
-                loss, grads = loss_and_grads(state.params, xp.asarray(x), xp.asarray(y), impl=backend,
-                                             l2wrap=config.l2wrap)
-            except FloatingPointError as e:
-                raise _non_finite(step, str(e), out) from None
-            grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise _non_finite(step, f"loss {loss}, gradient norm {norm}", out)
-            params, opt = optim.adamw_step(state.params, grads, state.opt, lr, (config.beta1, config.beta2),
-                                           config.eps, config.weight_decay, fused=backend == "numba")
-            state = TrainState(params, opt)  # one assignment: Ctrl-C sees the old pair or the new one
-            step_seconds = time.perf_counter() - t_step
-            window_loss, window_steps = window_loss + loss, window_steps + 1
-            if state.opt.step % config.log_interval == 0 or state.opt.step == config.max_iters:
-                dt = (time.perf_counter() - t_window) / window_steps
-                log.record(kind="train", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3),
-                           loss=window_loss / window_steps, lr=lr, grad_norm=norm, ms_per_step=1000 * dt,
-                           tokens_per_s=tokens_per_step / dt)
-                log.line(f"step {state.opt.step}: loss {window_loss / window_steps:.4f}, lr {lr:.2e}, "
-                         f"{1000 * dt:.0f} ms/step, {tokens_per_step / dt:,.0f} tokens/s")
-                window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
-            log.progress(state.opt.step, loss)
-            if on_step is not None:
-                on_step(state.opt.step, loss)
-        val_loss = do_eval()
-    except KeyboardInterrupt:
-        interrupted = True
-        save(out / LAST, state, {**run_meta, "best_val": best_val, "elapsed": elapsed_before + elapsed()})
-        log.line(f"interrupted at step {state.opt.step}: saved {out / LAST}; continue with --resume=true")
-    finally:
-        log.close()
-
-    if config.plot and not interrupted:
-        from .plot import PlotUnavailable, plot_log
-
-        try:
-            echo(f"loss curve: {plot_log(out / 'log.jsonl')}")
-        except PlotUnavailable as e:
-            echo(f"no loss curve: {e}")
-    return TrainResult(state.params, state.opt.step, val_loss, best_val, tokenizer, backend, out,
-                       elapsed_before + elapsed(), interrupted)
+    return state, meta, data, tokenizer, backend, model_config
 
 
 def _non_finite(step: int, what: str, out: Path) -> NonFiniteLoss:
