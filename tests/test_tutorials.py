@@ -19,6 +19,7 @@ PATHS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 EXPECTED_PNGS = {  # pictures each tutorial saves into MINIRWKV_OUT when matplotlib is installed
     "01_token_shift_and_time_mixing.py": ["01_time_mix_init.png"],
     "02_wkv_three_ways.py": ["02_wkv_weights.png"],
+    "05_training_a_tiny_model.py": ["05_loss_curve.png"],
     "06_rnn_mode.py": ["06_state_over_text.png"],
 }
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
