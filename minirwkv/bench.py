@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from .backends import get_backend
+from .process import keep_freed_memory
 
 WKV_SHAPE = (8, 1024, 512)  # (B, T, C) of the figures in docs/numba.md
 WKV_SHAPE_QUICK = (2, 128, 64)
@@ -393,6 +394,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threading_layer != "default":
         numba.config.THREADING_LAYER = args.threading_layer  # read when the first parallel kernel launches
+    keep_freed_memory()  # as the minirwkv command does (minirwkv/process.py)
     blas_limit = contextlib.nullcontext()
     if args.threads is not None:
         from .backends import numba_wkv

@@ -19,6 +19,7 @@ import tomllib
 
 from .config import TrainConfig, apply_overrides, field_types, parse_overrides
 from .distributed import launched_rank
+from .process import tune_for_training
 
 COMMANDS = ("train", "sample", "prepare", "plot", "convert", "bench")
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
             return 2
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    _prefer_workqueue_threads()
+    tune_for_training()  # process-wide settings (minirwkv/process.py); the library never applies them
     try:
         return {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "plot": cmd_plot,
                 "convert": cmd_convert, "bench": cmd_bench}[command](rest)
@@ -43,18 +44,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # outside the training loop (which saves and returns): nothing to save
         print(f"\nminirwkv {command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _prefer_workqueue_threads():
-    """Numba's OpenMP layer keeps idle threads spinning, which starves BLAS between kernels on a small machine
-    (docs/numba.md: a relu^2 forward took 8.0 ms under omp, 0.7 ms under workqueue). The command, being the whole
-    process, picks workqueue unless the user chose a layer (NUMBA_THREADING_LAYER); the library never does."""
-    import os
-
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        import numba
-
-        numba.config.THREADING_LAYER = "workqueue"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,3 +17,20 @@ def test_public_api():
     for name in ("ModelConfig", "init_params", "config_from_params", "forward", "loss_and_grads", "init_state",
                  "rnn_step", "prefill", "load_params"):
         assert callable(getattr(minirwkv, name)), name
+
+
+def test_process_settings_are_applied_by_the_command_not_the_library():
+    code = ("import minirwkv, numba; before = numba.config.THREADING_LAYER; "
+            "from minirwkv.process import tune_for_training; tune_for_training(); "
+            "print(before, numba.config.THREADING_LAYER)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    before, after = out.split()
+    assert before == "default" and after == "workqueue"
+
+
+def test_keep_freed_memory_on_linux():
+    from minirwkv.process import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert took is (sys.platform.startswith("linux") and took)  # a bool; True on Linux with glibc
