@@ -29,8 +29,10 @@ def test_process_settings_are_applied_by_the_command_not_the_library():
     assert before == "default" and after == "workqueue"
 
 
-def test_keep_freed_memory_on_linux():
+def test_keep_freed_memory_takes_on_glibc():
+    import platform
+
     from minirwkv.process import keep_freed_memory
 
-    took = keep_freed_memory()
-    assert took is (sys.platform.startswith("linux") and took)  # a bool; True on Linux with glibc
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
