@@ -7,8 +7,8 @@ official ``rwkv`` package on the same weights. Prints one table; nothing here is
 
 The roofline of one RNN step at batch 1: every matrix is read once per token (a matrix-vector product cannot reuse
 a weight), so the step cannot take less than (bytes of all matrices + head + one embedding row) / bandwidth. The
-bandwidth is measured in the same run: the median time of np.copyto of a 256 MiB float32 array, counted as
-read + write (2 x 256 MiB per copy, the STREAM convention). "% roofline" = roofline time / measured time; above
+bandwidth is measured in the same run (bench.copy_bandwidth): the larger of np.copyto and a parallel Numba copy of a
+256 MiB float32 array, counted as read + write (2 x 256 MiB per copy, the STREAM convention). "% roofline" = roofline time / measured time; above
 100% means the weights were partly served from a cache larger than a copy's working set would suggest, or reading
 alone streams faster than copying. docs/inference.md has the figures measured on the development machine.
 """
@@ -17,38 +17,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
-import time
 
 import numpy as np
 
 from .config import ModelConfig
 from .infer import RNNRunner
+from .bench import copy_bandwidth, median_time
 from .model import param_shapes
+from .process import keep_freed_memory
 
 MODELS = {"tiny": ModelConfig(vocab_size=256, n_embd=64, n_layer=2),
           "169M": ModelConfig(vocab_size=50277, n_embd=768, n_layer=12)}  # RWKV-4-Pile-169M's shapes
 COPY_BYTES, COPY_BYTES_QUICK = 256 * 2**20, 32 * 2**20
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
-    """Bytes/s of np.copyto on a float32 array of ``nbytes``, counted as read + write."""
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    return 2 * nbytes / median_time(lambda: np.copyto(dst, src), repeats)
 
 
 def random_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
@@ -191,7 +172,8 @@ def print_table(rows: list, bandwidth: float):
     print("  ".join("-" * w for w in widths))
     for line in cells:
         print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
-    print(f"copy bandwidth (np.copyto, read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(f"copy bandwidth (read + write, the larger of np.copyto and a parallel Numba copy): "
+          f"{bandwidth / 1e9:.1f} GB/s")
     for r in rows:
         if isinstance(r.get("official"), str):
             print(f"official package ({r['model']}): skipped, {r['official']}")
@@ -218,7 +200,9 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     limits = _limit_threads(args.threads)
     try:
-        bandwidth = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
+        keep_freed_memory()  # as the minirwkv command does (minirwkv/process.py)
+        copy = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
+        bandwidth = copy["roofline"]  # the larger of np.copyto and a parallel copy on all threads (bench.py)
         print(f"RNN-mode inference, float32, batch 1 unless noted; {os.cpu_count()} CPUs, BLAS threads: "
               f"{_blas_threads()}")
         rows = [bench_model(name, MODELS[name], args, bandwidth) for name in args.names]
