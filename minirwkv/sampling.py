@@ -71,8 +71,12 @@ def apply_penalties(logits, counts, presence: float, frequency: float):
     return out
 
 
-def filter_mask(probs, top_k: int = 0, top_p: float = 1.0):
-    """Which tokens top-k and top-p keep: probs (B, V) -> bool mask (B, V). At least one token per row is kept."""
+def filter_mask(probs, top_k: int = 0, top_p: float = 1.0, logits=None):
+    """Which tokens top-k and top-p keep: probs (B, V) -> bool mask (B, V). At least one token per row is kept.
+
+    top-k ranks by ``logits`` (B, V) when given (default: probs): two logits that differ can round to the same
+    probability (e.g. 1e-39 and 0), and top-k must still keep only the larger one.
+    """
     B, V = probs.shape
     keep = np.ones((B, V), dtype=bool)
     if top_p < 1:
@@ -83,8 +87,9 @@ def filter_mask(probs, top_k: int = 0, top_p: float = 1.0):
             n = min(int(np.searchsorted(cum, top_p * cum[-1])), V - 1)
             keep[b] &= probs[b] >= desc[n]
     if 0 < top_k < V:
-        kth = np.partition(probs, V - top_k, axis=1)[:, V - top_k]  # (B,) the k-th largest probability
-        keep &= probs >= kth[:, None]
+        score = probs if logits is None else logits
+        kth = np.partition(score, V - top_k, axis=1)[:, V - top_k]  # (B,) the k-th largest score
+        keep &= score >= kth[:, None]
     return keep
 
 
@@ -92,11 +97,11 @@ def distribution(logits, config: SamplingConfig, counts=None):
     """The probabilities (B, V) float64 the next token is drawn from (temperature > 0), after steps 1-5."""
     if config.greedy:
         raise ValueError("temperature 0 is greedy: there is no distribution to draw from; use sample()")
-    z = apply_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)  # (B, V)
-    z -= z.max(axis=1, keepdims=True)  # softmax shifted by the max: exp never overflows
+    scores = apply_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)  # (B, V)
+    z = scores - scores.max(axis=1, keepdims=True)  # softmax shifted by the max: exp never overflows
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)  # (B, V) at temperature 1
-    keep = filter_mask(probs, config.top_k, config.top_p)
+    keep = filter_mask(probs, config.top_k, config.top_p, logits=scores)  # top-k ranks the unshifted scores
     z = np.where(keep, z / config.temperature, -np.inf)  # log of p ** (1/T), up to a constant
     z -= z.max(axis=1, keepdims=True)
     probs = np.exp(z)  # exactly 0 where excluded (exp(-inf))
