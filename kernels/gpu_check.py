@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         import cupy
     except ImportError:
         print("gpu_check needs CuPy and an NVIDIA GPU: pip install minirwkv[gpu] (cupy-cuda12x). Without a GPU, "
-              "the same kernel source is checked on the CPU by: pytest tests/test_wkv_cuda_shim.py tests/test_nvcc.py")
+              "the same kernel source is checked on the CPU by: pytest tests/test_wkv_kernels.py tests/test_nvcc.py")
         return 2
     from minirwkv.backends import get_backend
 

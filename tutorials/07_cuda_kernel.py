@@ -284,7 +284,7 @@ checks.exact("one writer per output: same in both orders",
 # %% [markdown]
 # In the shim's order the racy sum is right, so a shim test would pass; in lockstep every thread loads 0 and the
 # last store wins. That is why wkv4.cu has no `+=` into shared outputs, and why docs/kernels.md lists what only a
-# GPU run can check (tests/test_wkv_cupy.py and kernels/gpu_check.py, which also fills every buffer with NaN so that
+# GPU run can check (the cupy cases of tests/test_wkv_kernels.py and kernels/gpu_check.py, which also fills every buffer with NaN so that
 # an element no thread wrote shows up). A later kernel version that uses shared memory or warp shuffles needs
 # those GPU tests; v1 uses neither, which is what makes the shim a faithful stand-in for it.
 #

@@ -303,7 +303,7 @@ for name, x, dtype in [("bug 1's example (float32)", shrunk, np.float32), ("bug 
 # * Make it deterministic in CI (`derandomize=True`, `database=None`, a fixed `max_examples`; the suite's
 #   profiles are in tests/conftest.py), and pin what it found with `@example`.
 #
-# This is how minirwkv's kernel tests are written: tests/test_wkv.py, test_wkv_numba.py, test_wkv_cuda_shim.py
+# This is how minirwkv's kernel tests are written: tests/test_wkv.py and tests/test_wkv_kernels.py
 # (one property, every backend).
 
 # %%
