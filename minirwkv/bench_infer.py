@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .infer import RNNRunner
 from .bench import copy_bandwidth, median_time
 from .model import param_shapes
-from .process import keep_freed_memory
+from .process import tune_for_training
 
 MODELS = {"tiny": ModelConfig(vocab_size=256, n_embd=64, n_layer=2),
           "169M": ModelConfig(vocab_size=50277, n_embd=768, n_layer=12)}  # RWKV-4-Pile-169M's shapes
@@ -200,7 +200,7 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     limits = _limit_threads(args.threads)
     try:
-        keep_freed_memory()  # as the minirwkv command does (minirwkv/process.py)
+        tune_for_training()  # workqueue threads and glibc keeping freed blocks, as the minirwkv command does
         copy = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
         bandwidth = copy["roofline"]  # the larger of np.copyto and a parallel copy on all threads (bench.py)
         print(f"RNN-mode inference, float32, batch 1 unless noted; {os.cpu_count()} CPUs, BLAS threads: "

@@ -157,6 +157,7 @@ class RNNRunner:
         self.ln_out_w, self.ln_out_b = params["ln_out.weight"], params["ln_out.bias"]
         self.head = np.ascontiguousarray(params["head.weight"].T)  # (C, V)
         self._kernels = _load_kernels()
+        self._zero, self._one = self.dtype.type(0), self.dtype.type(1)  # the kernels' constants, in their dtype
         self.state = None
         self._allocate(batch_size)
 
@@ -257,26 +258,26 @@ class RNNRunner:
     def _run(self, tokens, layers) -> np.ndarray:
         """Tokens (b, T) with T <= chunk_size from the states ``layers`` (updated in place) -> logits (b, V), a
         view of an internal buffer that the next call overwrites."""
-        kn = self._kernels
+        kn, zero, one = self._kernels, self._zero, self._one
         B, T = tokens.shape
         buf = self._views(B, T)
         x = buf.x
         np.take(self.emb, tokens, axis=0, out=x)  # (B, T, C) ln0 already folded in
         for lw, s in zip(self.layers, layers):
-            kn.time_mix_inputs(x, lw.ln1_w, lw.ln1_b, s.att_x, lw.att_mix_k, lw.att_mix_v, lw.att_mix_r,
+            kn.time_mix_inputs(x, lw.ln1_w, lw.ln1_b, s.att_x, lw.att_mix_k, lw.att_mix_v, lw.att_mix_r, one,
                                buf.z, buf.xk, buf.xv, buf.xr)
             np.matmul(buf.xk_m, lw.att_key, out=buf.k_m)  # (B, T, C)
             np.matmul(buf.xv_m, lw.att_value, out=buf.v_m)  # (B, T, C)
             np.matmul(buf.xr_m, lw.att_receptance, out=buf.r_m)  # (B, T, C)
-            kn.wkv_gate(lw.w, lw.u, buf.k, buf.v, buf.r, s.att_aa, s.att_bb, s.att_pp, buf.g)
+            kn.wkv_gate(lw.w, lw.u, buf.k, buf.v, buf.r, s.att_aa, s.att_bb, s.att_pp, buf.g, zero, one)
             np.matmul(buf.g_m, lw.att_output, out=buf.att_m)  # (B, T, C)
-            kn.channel_mix_inputs(x, buf.att, lw.ln2_w, lw.ln2_b, s.ffn_x, lw.ffn_mix_k, lw.ffn_mix_r,
+            kn.channel_mix_inputs(x, buf.att, lw.ln2_w, lw.ln2_b, s.ffn_x, lw.ffn_mix_k, lw.ffn_mix_r, one,
                                   buf.z, buf.xk, buf.xr)
             np.matmul(buf.xk_m, lw.ffn_key, out=buf.fk_m)  # (B, T, F)
             np.matmul(buf.xr_m, lw.ffn_receptance, out=buf.fr_m)  # (B, T, C)
-            kn.relu_square(buf.fk.reshape(B * T, -1))
+            kn.relu_square(buf.fk.reshape(B * T, -1), zero)
             np.matmul(buf.fk_m, lw.ffn_value, out=buf.fv_m)  # (B, T, C)
-            kn.gate_residual(x.reshape(B * T, -1), buf.fr.reshape(B * T, -1), buf.fv.reshape(B * T, -1))
+            kn.gate_residual(x.reshape(B * T, -1), buf.fr.reshape(B * T, -1), buf.fv.reshape(B * T, -1), zero, one)
         z, logits = self._z_last[:B], self._logits[:B]
         kn.layernorm_rows(x[:, -1], self.ln_out_w, self.ln_out_b, z)  # (B, C) only the last token needs logits
         np.matmul(z[0] if B == 1 else z, self.head, out=logits[0] if B == 1 else logits)  # (B, V)

@@ -6,9 +6,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minirwkv import ModelConfig, forward, init_params, init_state, prefill, rnn_step
+from minirwkv.backends import numba_infer
 from minirwkv.infer import RNNRunner, broadcast_state, fold_ln0, load_state, save_state
-from minirwkv.ops import layernorm_forward
-from minirwkv.testing import assert_close
+from minirwkv.ops import gate_forward, layernorm_forward, relu_square_forward
+from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
+from minirwkv.wkv import wkv_recurrent_forward, zero_state
 
 CONFIG = ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20)
 
@@ -46,12 +48,12 @@ def test_step_equals_rnn_step(B, T, seed, dtype):
     assert_state_close(runner.get_state(), state, dtype, "state")
 
 
-@given(B=st.integers(1, 2), T=st.integers(1, 13), chunk=st.integers(1, 5), seed=st.integers(0, 2**16))
-@example(B=1, T=1, chunk=1, seed=0)
-@example(B=2, T=10, chunk=5, seed=1)  # chunks that divide T exactly
-def test_prefill_then_step_equals_parallel(B, T, chunk, seed):
+@given(B=st.integers(1, 2), T=st.integers(1, 13), chunk=st.integers(1, 5), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+@example(B=1, T=1, chunk=1, seed=0, dtype=np.float32)
+@example(B=2, T=10, chunk=5, seed=1, dtype=np.float64)  # chunks that divide T exactly
+def test_prefill_then_step_equals_parallel(B, T, chunk, seed, dtype):
     """Prefill of T tokens in blocks of `chunk`, then one step == the parallel forward of all T + 1 tokens."""
-    dtype = np.float32
     params = PARAMS[dtype]
     idx = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (B, T + 1))
     runner = RNNRunner(params, batch_size=B, chunk_size=chunk)
@@ -61,6 +63,48 @@ def test_prefill_then_step_equals_parallel(B, T, chunk, seed):
     assert_state_close(runner.get_state(), state, dtype, "state after the prompt")
     nxt = runner.step(idx[:, T])
     assert_close(nxt, forward(params, idx, impl="numpy")[:, -1], dtype, "same", what="logits of the next token")
+
+
+@given(x=wkv_inputs(np.float64, max_T=24), split=st.integers(0, 24), r_scale=st.sampled_from([1.0, 30.0, 200.0]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+@example(x=make_wkv_inputs(1, 1, 5, k_scale=100.0), split=0, r_scale=200.0, dtype=np.float32)  # T = 1, |k| ~ 100
+def test_wkv_gate_kernel_equals_wkv_step(x, split, r_scale, dtype):
+    """numba_infer.wkv_gate (fastexp inside) == sigmoid(r) * the recurrent WKV of wkv.py, the state carried across
+    two calls (the first ``split`` tokens, then the rest); r up to +-200 saturates the sigmoid on both sides."""
+    x = x.astype(dtype)
+    B, T, C = x.k.shape
+    split = min(split, T)
+    r = np.ascontiguousarray(x.gy * r_scale, dtype=dtype)  # (B, T, C)
+    y, want_state = wkv_recurrent_forward(x.w, x.time_first, x.k, x.v)
+    want = gate_forward(r, y)[0]
+    state = zero_state(B, C, dtype)
+    got = np.empty_like(x.k)
+    zero, one = dtype(0), dtype(1)
+    for t0, t1 in ((0, split), (split, T)):
+        if t1 > t0:
+            numba_infer.wkv_gate(x.w, x.time_first, x.k[:, t0:t1], x.v[:, t0:t1], r[:, t0:t1], *state,
+                                 got[:, t0:t1], zero, one)
+    assert_close(got, want, dtype, "same", what="sigmoid(r) * wkv")
+    for name, a, b in zip(want_state._fields, state, want_state):
+        assert_close(a, b, dtype, "same", what=f"state {name}")
+
+
+@given(N=st.integers(1, 4), C=st.integers(1, 40), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_elementwise_kernels_equal_ops(N, C, seed, dtype):
+    """layernorm_rows (its sums vectorised), relu_square and gate_residual against minirwkv.ops."""
+    rng = np.random.default_rng(seed)
+    x, r, kv = (rng.normal(3.0, 20.0, (N, C)).astype(dtype) for _ in range(3))
+    weight, bias = rng.normal(1.0, 0.5, C).astype(dtype), rng.normal(0.0, 0.5, C).astype(dtype)
+    out = np.empty_like(x)
+    numba_infer.layernorm_rows(x, weight, bias, out)
+    assert_close(out, layernorm_forward(x, weight, bias)[0], dtype, "same", what="layernorm_rows")
+    h = x.copy()
+    numba_infer.relu_square(h, dtype(0))
+    assert_close(h, relu_square_forward(x)[0], dtype, "same", what="relu_square")
+    res = x.copy()
+    numba_infer.gate_residual(res, r, kv, dtype(0), dtype(1))
+    assert_close(res, x + gate_forward(r, kv)[0], dtype, "same", what="gate_residual")
 
 
 def test_prefill_continues_from_the_current_state():
