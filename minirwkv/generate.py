@@ -25,7 +25,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .infer import DEFAULT_CHUNK, RNNRunner, broadcast_state, load_state, save_state
+from .infer import DEFAULT_CHUNK, ReferenceRunner, RNNRunner, broadcast_state, load_state, save_state
 from .sampling import SamplingConfig, make_rng, sample
 
 REPLACEMENT = "\ufffd"  # what decode shows for bytes that are not (yet) a whole UTF-8 character
@@ -119,7 +119,10 @@ def generate(params: dict | None, tokenizer, prompts, max_new_tokens: int = 100,
     if runner is None:
         if params is None:
             raise ValueError("pass params or a runner")
-        runner = RNNRunner(params, batch_size=B, chunk_size=chunk_size)
+        if type(params["emb.weight"]).__module__.startswith("cupy"):  # on the GPU: the library's own RNN mode
+            runner = ReferenceRunner(params, batch_size=B)
+        else:
+            runner = RNNRunner(params, batch_size=B, chunk_size=chunk_size)
     elif runner.batch_size != B:
         runner.resize(B)
     else:
@@ -246,6 +249,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--state-out", default=None,
                         help="save the state after the prompt to this .npz, to reuse it for many continuations")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prompt tokens per prefill block")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the model runs on the GPU through CuPy (minirwkv.prefill / rnn_step, the CUDA WKV "
+                             "kernels); the sampler stays on the host")
     parser.add_argument("--tokenizer", default=None,
                         help="for checkpoints without a tokenizer spec (official .pth): hf (GPT-NeoX 20B "
                              "tokenizer.json, the Pile models), world (rwkv_vocab_v20230424.txt), gpt2, byte")
@@ -282,6 +288,18 @@ def load_model(path, tokenizer_name=None, tokenizer_path=None):
     return params, tokenizer
 
 
+def to_device(params: dict) -> dict:
+    """The parameters as CuPy arrays on the current GPU, or a clear error where there is none."""
+    try:
+        import cupy
+    except ImportError:
+        raise ValueError("--device cuda needs CuPy: pip install 'minirwkv[gpu]' (and a CUDA GPU)") from None
+    try:
+        return {k: cupy.asarray(v) for k, v in params.items()}
+    except Exception as e:  # CUDARuntimeError: no device or no driver
+        raise ValueError(f"--device cuda: no usable CUDA device ({e}); use --device cpu") from None
+
+
 def _is_minirwkv_checkpoint(path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -299,7 +317,10 @@ def run_sample(args) -> int:
         params, tokenizer = load_model(args.checkpoint, args.tokenizer, args.tokenizer_path)
         prompts = args.prompt or [""]
         state, logits = load_state(args.state_in) if args.state_in else (None, None)
-        runner = RNNRunner(params, batch_size=len(prompts), chunk_size=args.chunk_size)
+        if getattr(args, "device", "cpu") == "cuda":
+            runner = ReferenceRunner(to_device(params), batch_size=len(prompts))
+        else:
+            runner = RNNRunner(params, batch_size=len(prompts), chunk_size=args.chunk_size)
         first = start(runner, encode_prompts(tokenizer, prompts, continuing=state is not None), state, logits)
         if args.state_out:
             save_state(args.state_out, runner.get_state(), first)

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import ops
 from .model import check_params, check_tokens
-from .rnn import LayerState, State, check_state, init_state
+from .rnn import LayerState, State, check_state, init_state, prefill, rnn_step
 
 DEFAULT_CHUNK = 256  # tokens per prefill block: activations (B, 256, 4C) stay small; long enough to batch products
 
@@ -304,9 +304,9 @@ def save_state(path, state: State, logits=None) -> None:
     """Write ``state`` (and optionally the logits (B, V) of the last token, which the first sampled token of a
     continuation needs) to ``path`` as an .npz of plain arrays: keys ``blocks.i.att_x``, ... as State.to_arrays,
     ``logits``, and ``format``. Loading it executes nothing (numpy.load with allow_pickle=False)."""
-    arrays = {k: np.asarray(v) for k, v in state.to_arrays().items()}
+    arrays = {k: _to_host(v) for k, v in state.to_arrays().items()}  # a GPU state is saved from the host
     if logits is not None:
-        arrays["logits"] = np.asarray(logits)
+        arrays["logits"] = _to_host(logits)
     arrays["format"] = np.array(STATE_FORMAT)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}.npz"
     np.savez(tmp, **arrays)
@@ -332,3 +332,68 @@ def broadcast_state(state: State, batch_size: int) -> State:
     if state.batch_size != 1:
         raise ValueError(f"can only broadcast a state of one sequence, this one has {state.batch_size}")
     return State(tuple(LayerState(*(np.repeat(a, batch_size, axis=0) for a in s)) for s in state.layers))
+
+
+class ReferenceRunner:
+    """RNNRunner's interface on ``minirwkv.prefill`` / ``minirwkv.rnn_step``: any array module, CuPy included.
+
+    The sampling and streaming code of generate.py drive either runner. This one prepares nothing and allocates per
+    call; its point is that it runs wherever the library runs, so a model trained on a GPU samples there too
+    (``generate`` picks it for CuPy parameters). Token ids come in and logits go out as NumPy arrays: the sampler
+    runs on the host, one (B, V) transfer per token. ``impl`` selects the WKV of the prompts' parallel pass.
+    """
+
+    def __init__(self, params: dict, batch_size: int = 1, impl: str = "auto"):
+        self.params = params
+        self.config = check_params(params)
+        self.dtype = np.dtype(params["emb.weight"].dtype)
+        self.impl = impl
+        self._xp = ops._xp(params["emb.weight"])
+        self.resize(batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self._B
+
+    def resize(self, batch_size: int):
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._B = int(batch_size)
+        self.reset()
+
+    def reset(self):
+        self.state = init_state(self.params, self._B)
+
+    def get_state(self) -> State:
+        return self.state.copy()
+
+    def set_state(self, state: State):
+        check_state(state, self.params, self._B)
+        xp = self._xp
+        self.state = State(tuple(LayerState(*(xp.array(a, dtype=self.dtype) for a in s)) for s in state.layers))
+
+    def step(self, tokens) -> np.ndarray:
+        """tokens (B,) int -> logits (B, V) on the host; the state advanced (rnn_step)."""
+        logits, self.state = rnn_step(self.params, self._xp.asarray(np.asarray(tokens)), self.state)
+        return _to_host(logits)
+
+    def prefill(self, prompts, rows=None) -> np.ndarray:
+        """Each row's prompt in one parallel pass from its row's state (minirwkv.prefill). -> logits (n, V)."""
+        xp = self._xp
+        prompts = [np.asarray(p) for p in (list(prompts) if not isinstance(prompts, np.ndarray) else prompts)]
+        rows = list(range(self._B)) if rows is None else [int(r) for r in rows]
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows: give one prompt per row")
+        out = np.empty((len(prompts), self.config.vocab_size), self.dtype)  # (n, V)
+        for i, (row, ids) in enumerate(zip(rows, prompts)):
+            mine = State(tuple(LayerState(*(a[row:row + 1] for a in s)) for s in self.state.layers))
+            logits, mine = prefill(self.params, xp.asarray(ids[None]), state=mine, impl=self.impl)  # (1, T, V)
+            out[i] = _to_host(logits[0, -1])
+            for layer, new in zip(self.state.layers, mine.layers):
+                for a, b in zip(layer, new):
+                    a[row:row + 1] = b
+        return out
+
+
+def _to_host(a) -> np.ndarray:
+    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from minirwkv import ModelConfig, init_params, prefill, rnn_step
 from minirwkv.generate import (Detokenizer, StopFilter, add_sample_arguments, generate, generate_text,
                                run_sample)
+from minirwkv.testing import assert_close
 from minirwkv.tokenizer import ByteTokenizer
 
 CONFIG = ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16)
@@ -169,3 +170,34 @@ def test_sample_command_errors_are_clear(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     assert run_sample(_args("--checkpoint", "x", "--top-k", "-2")) == 1
     assert "top_k" in capsys.readouterr().err
+
+
+def test_reference_runner_samples_what_the_fast_runner_samples():
+    """ReferenceRunner (the library's prefill / rnn_step, which also run on CuPy arrays) and RNNRunner give the same
+    greedy continuation and the same logits, prompts of different lengths in one batch."""
+    from minirwkv.infer import ReferenceRunner, RNNRunner
+
+    prompts = ["ab", "hello there", "x"]
+    fast = generate_text(PARAMS, TOK, prompts, 12, temperature=0.0, runner=RNNRunner(PARAMS, len(prompts)))
+    ref = generate_text(PARAMS, TOK, prompts, 12, temperature=0.0,
+                        runner=ReferenceRunner(PARAMS, len(prompts), impl="numpy"))
+    assert ref == fast
+    a, b = RNNRunner(PARAMS, 2), ReferenceRunner(PARAMS, 2, impl="numpy")
+    ids = [TOK.encode("abc"), TOK.encode("hello")]
+    assert_close(b.prefill(ids), a.prefill(ids), PARAMS["emb.weight"].dtype, what="prefill logits")
+    assert_close(b.step(np.array([1, 2])), a.step(np.array([1, 2])), PARAMS["emb.weight"].dtype, what="step logits")
+
+
+def test_sample_on_cuda_without_a_gpu_fails_clearly(tmp_path, capsys):
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed: the error path cannot be reached")
+    except ImportError:
+        pass
+    from minirwkv.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
+    assert run_sample(_args("--checkpoint", str(ckpt), "--device", "cuda", "--max-new-tokens", "2")) == 1
+    assert "pip install 'minirwkv[gpu]'" in capsys.readouterr().err
