@@ -128,7 +128,29 @@ class _Buffers(NamedTuple):
     fv_m: np.ndarray
 
 
-class RNNRunner:
+class _Runner:
+    """What both runners share: ``batch_size`` sequences of one model and their State."""
+
+    @property
+    def batch_size(self) -> int:
+        return self._B
+
+    def _set_batch_size(self, batch_size) -> int:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._B = int(batch_size)
+        return self._B
+
+    def reset(self):
+        """The zero state for every sequence (rnn.init_state)."""
+        self.state = init_state(self.params, self._B)
+
+    def get_state(self) -> State:
+        """A copy of the current state (B sequences)."""
+        return self.state.copy()
+
+
+class RNNRunner(_Runner):
     """RWKV-4 in RNN mode for ``batch_size`` sequences at once, on the CPU (NumPy arrays, float32 or float64).
 
         runner = RNNRunner(params, batch_size=2)
@@ -163,15 +185,9 @@ class RNNRunner:
 
     # --- sizes, buffers, state ----------------------------------------------------------------------------------
 
-    @property
-    def batch_size(self) -> int:
-        return self._B
-
     def _allocate(self, batch_size: int):
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        B, N, C, F = int(batch_size), int(batch_size) * self.chunk_size, self.config.n_embd, self.config.dim_ffn
-        self._B = B
+        B = self._set_batch_size(batch_size)
+        N, C, F = B * self.chunk_size, self.config.n_embd, self.config.dim_ffn
         self._flat = {name: np.empty(N * (F if name == "fk" else C), self.dtype)
                       for name in ("x", "z", "xk", "xv", "xr", "k", "v", "r", "g", "att", "fk", "fr", "fv")}
         self._view_cache = {}
@@ -182,14 +198,6 @@ class RNNRunner:
     def resize(self, batch_size: int):
         """Change the batch size (new buffers) and reset the state to zeros."""
         self._allocate(batch_size)
-
-    def reset(self):
-        """The zero state for every sequence (rnn.init_state)."""
-        self.state = init_state(self.params, self._B)
-
-    def get_state(self) -> State:
-        """A copy of the current state (B sequences)."""
-        return self.state.copy()
 
     def set_state(self, state: State):
         """Continue from ``state`` (a State of this model with batch_size rows), copied in."""
@@ -334,7 +342,7 @@ def broadcast_state(state: State, batch_size: int) -> State:
     return State(tuple(LayerState(*(np.repeat(a, batch_size, axis=0) for a in s)) for s in state.layers))
 
 
-class ReferenceRunner:
+class ReferenceRunner(_Runner):
     """RNNRunner's interface on ``minirwkv.prefill`` / ``minirwkv.rnn_step``: any array module, CuPy included.
 
     The sampling and streaming code of generate.py drive either runner. This one prepares nothing and allocates per
@@ -351,21 +359,10 @@ class ReferenceRunner:
         self._xp = ops._xp(params["emb.weight"])
         self.resize(batch_size)
 
-    @property
-    def batch_size(self) -> int:
-        return self._B
-
     def resize(self, batch_size: int):
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self._B = int(batch_size)
+        """Change the batch size and reset the state to zeros."""
+        self._set_batch_size(batch_size)
         self.reset()
-
-    def reset(self):
-        self.state = init_state(self.params, self._B)
-
-    def get_state(self) -> State:
-        return self.state.copy()
 
     def set_state(self, state: State):
         check_state(state, self.params, self._B)
