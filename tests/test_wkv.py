@@ -37,7 +37,7 @@ def test_parallel_equals_recurrent(dtype):
         assert_close(y_r, y_p, dtype, what="y")
         for name, a, b in zip(("gw", "gu", "gk", "gv"), g_r, g_p):
             assert a.dtype == dtype
-            assert_close(a, b, dtype, what=name, scale=x.grad_scale())
+            assert_close(a, b, dtype, what=name, scale=x.grad_scale(name))
         # the final state: a = aa e^pp and b = bb e^pp, compared through their ratio and scale
         assert_close(s_r.pp, s_p.pp, dtype, what="pp")
         assert_close(s_r.aa / s_r.bb, s_p.aa / s_p.bb, dtype, what="aa/bb")
