@@ -81,18 +81,32 @@ class StopFilter:
         if self.stopped:
             return ""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
-            return out
         hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
                     if self.pending.endswith(s[:n])), default=0)  # the longest tail that begins a stop string
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        start = len(self.pending) - hold  # where the earliest stop string that may still complete begins
+        hit = self._first_hit()
+        if hit is not None and hit <= start:  # no stop string starting earlier can still complete: cut here
+            return self._stop_at(hit)
+        out = self.pending[:start]  # a later hit waits: an earlier-starting stop string may yet complete
+        self.pending = self.pending[start:]
         return out
 
     def finish(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
+        """The held-back text at the end of generation (cut at a stop string that was waiting for a longer one)."""
+        if self.stopped:
+            return ""
+        hit = self._first_hit()
+        if hit is not None:
+            return self._stop_at(hit)
+        out, self.pending = self.pending, ""
+        return out
+
+    def _first_hit(self):
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _stop_at(self, i: int) -> str:
+        out, self.pending, self.stopped = self.pending[:i], "", True
         return out
 
 

@@ -48,6 +48,7 @@ def test_detokenizer_finish_shows_a_cut_character():
                                                                               max_size=3), max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=6))
 @example(text="hello\n\nworld", stops=["\n\n"], cuts=[5, 6])
+@example(text="\naa", stops=["a", "\naa"], cuts=[2])  # a later short stop must wait for an earlier long one
 def test_stop_filter_cuts_before_the_first_stop_string(text, stops, cuts):
     f = StopFilter(stops)
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
