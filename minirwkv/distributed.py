@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .xp import is_cupy, to_numpy
+
 MODES = ("auto", "off", "mpi")
 # the per-process variables that MPI launchers set: the number of processes started
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -147,7 +149,7 @@ class MPIWorld:
 
     def allreduce_mean(self, buf):
         """buf <- (1/N) sum over ranks of buf, in place: the one collective of a training step."""
-        if _is_cupy(buf):
+        if is_cupy(buf):
             if self.nccl is not None:
                 _nccl_allreduce_sum(self.nccl, buf)
             else:  # through the host
@@ -161,7 +163,7 @@ class MPIWorld:
 
     def bcast_(self, buf):
         """buf <- rank 0's buf, in place (the starting parameters and optimizer state)."""
-        if _is_cupy(buf):
+        if is_cupy(buf):
             host = buf.get()
             self.comm.Bcast(host, root=0)
             buf.set(host)
@@ -175,10 +177,6 @@ class MPIWorld:
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
-
-
-def _is_cupy(a) -> bool:
-    return type(a).__module__.startswith("cupy")
 
 
 def _nccl_allreduce_sum(nccl_comm, buf):
@@ -280,7 +278,7 @@ def digest(params: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(params):
         a = params[k]
-        h.update(np.ascontiguousarray(a.get() if _is_cupy(a) else a).tobytes())
+        h.update(np.ascontiguousarray(to_numpy(a)).tobytes())
     return h.hexdigest()
 
 

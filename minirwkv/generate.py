@@ -27,6 +27,7 @@ import numpy as np
 
 from .infer import DEFAULT_CHUNK, ReferenceRunner, RNNRunner, broadcast_state, load_state, save_state
 from .sampling import SamplingConfig, make_rng, sample
+from .xp import is_cupy
 
 REPLACEMENT = "\ufffd"  # what decode shows for bytes that are not (yet) a whole UTF-8 character
 
@@ -133,7 +134,7 @@ def generate(params: dict | None, tokenizer, prompts, max_new_tokens: int = 100,
     if runner is None:
         if params is None:
             raise ValueError("pass params or a runner")
-        if type(params["emb.weight"]).__module__.startswith("cupy"):  # on the GPU: the library's own RNN mode
+        if is_cupy(params["emb.weight"]):  # on the GPU: the library's own RNN mode
             runner = ReferenceRunner(params, batch_size=B)
         else:
             runner = RNNRunner(params, batch_size=B, chunk_size=chunk_size)

@@ -44,6 +44,7 @@ import numpy as np
 from . import ops
 from .model import check_params, check_tokens
 from .rnn import LayerState, State, check_state, init_state, prefill, rnn_step
+from .xp import array_module, to_numpy
 
 DEFAULT_CHUNK = 256  # tokens per prefill block: activations (B, 256, 4C) stay small; long enough to batch products
 
@@ -165,7 +166,7 @@ class RNNRunner(_Runner):
 
     def __init__(self, params: dict, batch_size: int = 1, chunk_size: int = DEFAULT_CHUNK):
         config = check_params(params)
-        if ops._xp(params["emb.weight"]) is not np:
+        if array_module(params["emb.weight"]) is not np:
             raise ValueError("RNNRunner runs on the CPU: pass NumPy parameters ({k: cupy.asnumpy(v) ...}); on the "
                              "GPU use minirwkv.rnn_step / minirwkv.prefill")
         if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
@@ -312,9 +313,9 @@ def save_state(path, state: State, logits=None) -> None:
     """Write ``state`` (and optionally the logits (B, V) of the last token, which the first sampled token of a
     continuation needs) to ``path`` as an .npz of plain arrays: keys ``blocks.i.att_x``, ... as State.to_arrays,
     ``logits``, and ``format``. Loading it executes nothing (numpy.load with allow_pickle=False)."""
-    arrays = {k: _to_host(v) for k, v in state.to_arrays().items()}  # a GPU state is saved from the host
+    arrays = {k: to_numpy(v) for k, v in state.to_arrays().items()}  # a GPU state is saved from the host
     if logits is not None:
-        arrays["logits"] = _to_host(logits)
+        arrays["logits"] = to_numpy(logits)
     arrays["format"] = np.array(STATE_FORMAT)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}.npz"
     np.savez(tmp, **arrays)
@@ -356,7 +357,7 @@ class ReferenceRunner(_Runner):
         self.config = check_params(params)
         self.dtype = np.dtype(params["emb.weight"].dtype)
         self.impl = impl
-        self._xp = ops._xp(params["emb.weight"])
+        self._xp = array_module(params["emb.weight"])
         self.resize(batch_size)
 
     def resize(self, batch_size: int):
@@ -372,7 +373,7 @@ class ReferenceRunner(_Runner):
     def step(self, tokens) -> np.ndarray:
         """tokens (B,) int -> logits (B, V) on the host; the state advanced (rnn_step)."""
         logits, self.state = rnn_step(self.params, self._xp.asarray(np.asarray(tokens)), self.state)
-        return _to_host(logits)
+        return to_numpy(logits)
 
     def prefill(self, prompts, rows=None) -> np.ndarray:
         """Each row's prompt in one parallel pass from its row's state (minirwkv.prefill). -> logits (n, V)."""
@@ -385,12 +386,8 @@ class ReferenceRunner(_Runner):
         for i, (row, ids) in enumerate(zip(rows, prompts)):
             mine = State(tuple(LayerState(*(a[row:row + 1] for a in s)) for s in self.state.layers))
             logits, mine = prefill(self.params, xp.asarray(ids[None]), state=mine, impl=self.impl)  # (1, T, V)
-            out[i] = _to_host(logits[0, -1])
+            out[i] = to_numpy(logits[0, -1])
             for layer, new in zip(self.state.layers, mine.layers):
                 for a, b in zip(layer, new):
                     a[row:row + 1] = b
         return out
-
-
-def _to_host(a) -> np.ndarray:
-    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)

@@ -29,6 +29,7 @@ from . import ops, wkv
 from .backends import get_backend
 from .backends.ops_registry import get_ops
 from .config import ModelConfig
+from .xp import array_module, is_cupy
 
 EMB_INIT = 1e-4  # half-width of the uniform embedding init ("SmallInitEmb" in the RWKV-LM README)
 ZERO_INIT = ("att.key.weight", "att.receptance.weight", "att.output.weight", "ffn.value.weight",
@@ -113,7 +114,7 @@ def check_params(params: dict, check_finite: bool = True) -> ModelConfig:
     if len(modules) != 1:
         raise ValueError(f"parameters mix array types {sorted(modules)}; move them all to one device first")
     if check_finite:
-        xp = ops._xp(params["emb.weight"])
+        xp = array_module(params["emb.weight"])
         bad = [k for k, a in params.items() if not bool(xp.isfinite(a).all())]
         if bad:
             raise ValueError(f"non-finite values (NaN or inf) in parameters: {', '.join(bad)}")
@@ -367,13 +368,13 @@ def model_backward(dlogits, cache: ModelCache) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _backend_for(params, impl):
-    return get_backend(impl, on_gpu=ops._xp(params["emb.weight"]).__name__ == "cupy")
+    return get_backend(impl, on_gpu=is_cupy(params["emb.weight"]))
 
 
 def forward(params: dict, idx, impl: str = "auto"):
     """Logits (B, T, V) for token ids idx (B, T), in parallel mode from the zero state."""
     config = check_params(params)
-    check_tokens(idx, config.vocab_size, ops._xp(params["emb.weight"]))
+    check_tokens(idx, config.vocab_size, array_module(params["emb.weight"]))
     logits, _, _ = model_forward(params, idx, _backend_for(params, impl))
     return logits
 
@@ -384,7 +385,7 @@ def loss_and_grads(params: dict, idx, targets, impl: str = "auto", l2wrap: bool 
     ``l2wrap`` adds RWKV-LM's L2Wrap gradient (ops.l2wrap_backward), which does not change the reported loss.
     """
     config = check_params(params)
-    xp = ops._xp(params["emb.weight"])
+    xp = array_module(params["emb.weight"])
     check_tokens(idx, config.vocab_size, xp)
     check_tokens(targets, config.vocab_size, xp, name="targets")
     if targets.shape != idx.shape:

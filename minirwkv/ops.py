@@ -13,16 +13,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .xp import array_module as _xp
+
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used by every official RWKV-4 model
-
-
-def _xp(a):
-    mod = type(a).__module__
-    if mod.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
 
 
 # --- embedding ---------------------------------------------------------------------------------------------------

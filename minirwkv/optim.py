@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .ops import _xp
+from .xp import array_module as _xp
+from .xp import to_numpy
 
 # v4neo model.py configure_optimizers, layerwise_lr = 1 (my_pile_stage != 2): the decay speeds learn faster
 LR_MULTIPLIERS = {"time_decay": 2.0, "time_first": 3.0}
@@ -96,7 +97,7 @@ def adamw_step(params: dict, grads: dict, state: AdamWState, lr: float, betas=(0
 
 def state_to_arrays(state: AdamWState) -> dict:
     """The moments as checkpoint ``arrays`` groups (the step is saved in the checkpoint's meta)."""
-    return {"adam_m": {k: _numpy(a) for k, a in state.m.items()}, "adam_v": {k: _numpy(a) for k, a in state.v.items()}}
+    return {"adam_m": {k: to_numpy(a) for k, a in state.m.items()}, "adam_v": {k: to_numpy(a) for k, a in state.v.items()}}
 
 
 def state_from_arrays(arrays: dict, step: int, params: dict) -> AdamWState:
@@ -111,10 +112,6 @@ def state_from_arrays(arrays: dict, step: int, params: dict) -> AdamWState:
     m = {k: xp.asarray(arrays["adam_m"][k], dtype=dtype) for k in params}
     v = {k: xp.asarray(arrays["adam_v"][k], dtype=dtype) for k in params}
     return AdamWState(int(step), m, v)
-
-
-def _numpy(a):
-    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
 
 
 # ---------------------------------------------------------------------------------------------------------------

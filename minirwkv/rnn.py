@@ -14,6 +14,7 @@ import numpy as np
 from . import ops
 from .model import _backend_for, check_params, check_tokens, model_forward
 from .wkv import MIN_VALUE, wkv_step
+from .xp import array_module
 
 
 class LayerState(NamedTuple):
@@ -54,7 +55,7 @@ def init_state(params: dict, batch_size: int) -> State:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = check_params(params, check_finite=False)
-    xp = ops._xp(params["emb.weight"])
+    xp = array_module(params["emb.weight"])
     dtype = params["emb.weight"].dtype
     shape = (int(batch_size), config.n_embd)
 
@@ -87,7 +88,7 @@ def _ln(x, params, name):
 def rnn_step(params: dict, tokens, state: State):
     """One token for each of B sequences. tokens (B,) int -> logits (B, V), the new state (the old is unchanged)."""
     config = check_params(params, check_finite=False)
-    xp = ops._xp(params["emb.weight"])
+    xp = array_module(params["emb.weight"])
     check_tokens(tokens, config.vocab_size, xp, name="tokens", ndim=1)
     check_state(state, params, tokens.shape[0])
     x = params["emb.weight"][tokens]  # (B, C)
@@ -122,7 +123,7 @@ def prefill(params: dict, idx, state: State | None = None, impl: str = "auto"):
     chunks; the result equals feeding the tokens one by one to ``rnn_step``.
     """
     config = check_params(params)
-    check_tokens(idx, config.vocab_size, ops._xp(params["emb.weight"]))
+    check_tokens(idx, config.vocab_size, array_module(params["emb.weight"]))
     if state is not None:
         check_state(state, params, idx.shape[0])
     logits, _, state_out = model_forward(params, idx, _backend_for(params, impl), state)

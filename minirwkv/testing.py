@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .xp import to_numpy
+
 
 class Tol(NamedTuple):
     rtol: float
@@ -46,8 +48,8 @@ def assert_close(actual, expected, dtype=None, kind: str = "same", what: str = "
     ``scale`` (default max|expected|) is what atol is relative to. Pass the magnitude of the terms a result sums
     when the result itself may cancel to ~0 (a float32 sum of terms of size s is only accurate to ~eps * s).
     """
-    actual = _to_numpy(actual)
-    expected = _to_numpy(expected)
+    actual = to_numpy(actual)
+    expected = to_numpy(expected)
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {actual.shape} != expected {expected.shape}")
     if not np.all(np.isfinite(actual)):
@@ -66,10 +68,22 @@ def assert_close(actual, expected, dtype=None, kind: str = "same", what: str = "
             f"{np.dtype(dtype if dtype is not None else expected.dtype).name}/{kind})")
 
 
-def _to_numpy(a):
-    if type(a).__module__.startswith("cupy"):
-        return a.get()
-    return np.asarray(a)
+FINITE_DIFF_STEP = 1e-6  # the h of the "finite_diff" tolerances
+
+
+def numerical_gradient(loss, x, h: float = FINITE_DIFF_STEP):
+    """Central differences (loss(x + h e_i) - loss(x - h e_i)) / 2h of the scalar ``loss()`` for every entry of the
+    float64 array ``x``, which is changed in place and restored."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        plus = float(loss())
+        x[i] = old - h
+        minus = float(loss())
+        x[i] = old
+        g[i] = (plus - minus) / (2 * h)
+    return g
 
 
 class WKVInputs(NamedTuple):

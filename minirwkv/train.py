@@ -36,6 +36,7 @@ from .distributed import (SingleProcess, agree, average_gradients, broadcast_sta
 from .model import config_from_params, forward, init_params, loss_and_grads
 from .ops import cross_entropy_forward
 from .tokenizer import tokenizer_from_spec
+from .xp import to_numpy as _to_numpy
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 
@@ -96,7 +97,7 @@ def blas_threads(n: int):
 
 
 def to_numpy(params: dict) -> dict:
-    return {k: (a.get() if type(a).__module__.startswith("cupy") else a) for k, a in params.items()}
+    return {k: _to_numpy(a) for k, a in params.items()}
 
 
 class Logger:

@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .xp import array_module as _xp
+
 MIN_VALUE = -1e38  # stand-in for log(0) = -inf, as in the official kernels; finite, so (MIN_VALUE + w) stays finite
 
 
@@ -261,13 +263,3 @@ def wkv_backward(gy, cache: WKVCache):
     w, u, k, v, y, backend = cache
     gw, gu, gk, gv = backend.backward(w, u, k, v, y, gy)
     return gw * w, gu, gk, gv
-
-
-def _xp(a):
-    """The array module of ``a`` (numpy or cupy), without importing cupy."""
-    mod = type(a).__module__
-    if mod.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np

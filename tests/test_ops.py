@@ -3,23 +3,11 @@ import numpy as np
 import pytest
 
 from minirwkv import ops
-from minirwkv.testing import assert_close
-
-H = 1e-6
-
+from minirwkv.testing import assert_close, numerical_gradient
 
 def numeric_grad(f, x, dy):
     """d/dx of sum(f(x) * dy) by central differences."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + H
-        fp = float((f() * dy).sum())
-        x[i] = old - H
-        fm = float((f() * dy).sum())
-        x[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
+    return numerical_gradient(lambda: (f() * dy).sum(), x)
 
 
 def check(name, analytic, f, x, dy):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import example, given
 
 from minirwkv import wkv
-from minirwkv.testing import assert_close, init_like_wkv_inputs, make_wkv_inputs, wkv_inputs
+from minirwkv.testing import assert_close, init_like_wkv_inputs, make_wkv_inputs, numerical_gradient, wkv_inputs
 
 DTYPES = [np.float64, np.float32]
 
@@ -72,26 +72,14 @@ def test_float32_recurrent_close_to_float64(seed):
         assert_close(a, b, np.float32, kind="vs_f64", what=name, scale=x.grad_scale())
 
 
-def numerical_grads(x, forward, h=1e-6):
+def numerical_grads(x, forward):
     """Central differences of L = sum(gy * y) with respect to theta, u, k, v (float64)."""
     args = [x.time_decay.copy(), x.time_first.copy(), x.k.copy(), x.v.copy()]
 
     def L():
-        return float((forward(-np.exp(args[0]), args[1], args[2], args[3]) * x.gy).sum())
+        return (forward(-np.exp(args[0]), args[1], args[2], args[3]) * x.gy).sum()
 
-    out = []
-    for a in args:
-        g = np.zeros_like(a)
-        for i in np.ndindex(a.shape):
-            old = a[i]
-            a[i] = old + h
-            lp = L()
-            a[i] = old - h
-            lm = L()
-            a[i] = old
-            g[i] = (lp - lm) / (2 * h)
-        out.append(g)
-    return out
+    return [numerical_gradient(L, a) for a in args]
 
 
 @pytest.mark.parametrize("form", ["recurrent", "parallel"])

@@ -21,6 +21,7 @@ import numpy as np
 
 import minirwkv
 from minirwkv import ops
+from minirwkv.testing import numerical_gradient
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
@@ -171,22 +172,10 @@ def loss(z, mu):
     return float((G * ops.mix_forward(z, ops.token_shift_forward(z), mu)[0]).sum())
 
 
-def central_difference(f, x, h=1e-6):
-    """d f / d x for every entry of x, two evaluations of f each."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + h
-        plus = f()
-        x[i] = old - h
-        minus = f()
-        x[i] = old
-        g[i] = (plus - minus) / (2 * h)
-    return g
-
-
-dz_fd = central_difference(lambda: loss(z, mu), z)
-dmu_fd = central_difference(lambda: loss(z, mu), mu)
+# `numerical_gradient` (minirwkv/testing.py, ten lines) nudges each entry of x by +h and -h, h = 1e-6, and takes
+# (f+ - f-) / 2h: two evaluations of the loss per entry, the same judge every backward in the tests faces.
+dz_fd = numerical_gradient(lambda: loss(z, mu), z)
+dmu_fd = numerical_gradient(lambda: loss(z, mu), mu)
 checks.close("dz (mix + shift backward) vs finite diff", dz, dz_fd, kind="finite_diff")
 checks.close("dmu (mix_backward) vs finite diff", dmu, dmu_fd, kind="finite_diff")
 checks.exact("shift backward: last token gets 0", ops.token_shift_backward(dxx)[:, -1], np.zeros((B, C)))

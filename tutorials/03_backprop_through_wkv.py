@@ -22,6 +22,7 @@ import numpy as np
 
 from minirwkv import wkv
 from minirwkv.backends import get_backend
+from minirwkv.testing import numerical_gradient
 from _common import Checks
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
@@ -128,21 +129,9 @@ def loss(w, u, k, v):
     return float((g * wkv.wkv_parallel_forward(w, u, k, v)[0]).sum())
 
 
-def central_differences(args, h=1e-6):
-    """dL/d(every entry of every array in args), two evaluations of L per entry."""
-    grads = []
-    for x in args:
-        gx = np.zeros_like(x)
-        for i in np.ndindex(x.shape):
-            old = x[i]
-            x[i] = old + h
-            plus = loss(*args)
-            x[i] = old - h
-            minus = loss(*args)
-            x[i] = old
-            gx[i] = (plus - minus) / (2 * h)
-        grads.append(gx)
-    return grads
+def central_differences(args):
+    """dL/d(every entry of every array in args): minirwkv.testing.numerical_gradient, two evaluations of L per entry."""
+    return [numerical_gradient(lambda: loss(*args), x) for x in args]
 
 
 numeric = central_differences([w.copy(), u.copy(), k.copy(), v.copy()])

@@ -21,6 +21,7 @@ import numpy as np
 from . import WKVBackend
 from ..wkv import MIN_VALUE, WKVState
 from .shim_wkv import check_wkv_args
+from ..xp import is_cupy
 
 THREADS_PER_BLOCK = 32  # one warp: 32 consecutive channels of one time step, read in one coalesced access
 # No --use_fast_math: exp stays the accurate expf / exp (wkv4.cu's header says why).
@@ -114,7 +115,7 @@ def backward(w, u, k, v, y, gy):
 def _check(w, u, k, v, y=None, gy=None):
     """Shapes, dtype and layout (shim_wkv.check_wkv_args), then: CuPy arrays, and an int32-sized grid."""
     for name, a in {"w": w, "u": u, "k": k, "v": v, "y": y, "gy": gy}.items():
-        if a is not None and not type(a).__module__.startswith("cupy"):
+        if a is not None and not is_cupy(a):
             raise ValueError(f"the cupy WKV backend takes CuPy arrays, but {name} is {type(a).__name__}; "
                              f"move the inputs with cupy.asarray, or use impl='numba' for NumPy arrays")
     B, T, C = check_wkv_args(w, u, k, v, y=y, gy=gy)
