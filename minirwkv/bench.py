@@ -357,6 +357,43 @@ def _print_environment(env: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# float32 accuracy of the WKV (docs/numerics.md): not a speed, but a figure the docs quote
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_precision(args) -> dict:
+    """Worst normwise error of the float32 recurrent WKV against float64, over init-like draws, for several T.
+
+    Error per output: max|f32 - f64| / max(max|f64|, the size of the summed terms |g| (1 + |v|)), as the tests'
+    ``vs_f64`` tolerance measures it.
+    """
+    from . import wkv
+    from .testing import init_like_wkv_inputs
+
+    def run(x):
+        w = x.w.astype(x.k.dtype)
+        y, _ = wkv.wkv_recurrent_forward(w, x.time_first, x.k, x.v)
+        return (y, *wkv.wkv_recurrent_backward(w, x.time_first, x.k, x.v, y, x.gy))
+
+    names = ("y", "gw", "gu", "gk", "gv")
+    lengths = (16, 32) if args.quick else (64, 128, 256)
+    draws = [(seed, C) for seed in range(2 if args.quick else 8) for C in (33, 64)]
+    print(f"\n== float32 WKV vs float64, worst of {len(draws)} init-like draws (B = 3, C in {{33, 64}}) ==")
+    rows = []
+    for T in lengths:
+        worst = dict.fromkeys(names, 0.0)
+        for seed, C in draws:
+            x = init_like_wkv_inputs(3, T, C, seed=seed)
+            exact, approx = run(x), run(x.astype(np.float32))
+            for name, e, a in zip(names, exact, approx):
+                floor = 0.0 if name == "y" else x.grad_scale()
+                err = float(np.abs(a - e).max()) / max(float(np.abs(e).max()), floor)
+                worst[name] = max(worst[name], err)
+        rows.append({"T": T, **worst})
+    _print_table(rows, [("T", "T", "{}")] + [(n, n, "{:.1e}") for n in names])
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Table and CLI
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -381,7 +418,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test")
     p.add_argument("--hf-steps", type=int, default=2, metavar="N",
                    help="timed steps of the HF transformers comparison (about a minute each at full size); 0 skips it")
-    p.add_argument("--only", choices=("wkv", "step", "all"), default="all", help="which section to run")
+    p.add_argument("--only", choices=("wkv", "step", "precision", "all"), default="all",
+                   help="which section to run (precision: the float32 error table of docs/numerics.md)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -412,6 +450,8 @@ def main(argv=None) -> dict:
             results["wkv"] = bench_wkv(args)
         if args.only in ("step", "all"):
             results["step"] = bench_step(args)
+        if args.only in ("precision", "all"):
+            results["precision"] = bench_precision(args)
         results["environment"] = environment()  # inside the BLAS limit, so its thread count is the one used
     _print_environment(results["environment"])
     if args.json:
