@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import struct
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_write
 from .config import ModelConfig
 from .model import check_params, param_shapes
 from .pth import PthTensor, ZipArrays, read_pth, write_aligned_entry
@@ -96,44 +96,14 @@ def save_checkpoint(path, params: dict, meta: dict | None = None, arrays: dict |
         raise ValueError(f"meta must be JSON-serialisable (plain int/float/str/list/dict; convert numpy scalars "
                          f"with float() or .item()): {e}") from None
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open applies the umask, so the file ends with the permissions a plain open() would give it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-                zf.writestr(zipfile.ZipInfo("meta.json", date_time=(1980, 1, 1, 0, 0, 0)), meta_json)
-                for name, array in params.items():
-                    _write_npy(zf, f"params/{name}.npy", array, compress)
-                for group, named in arrays.items():
-                    for name, array in named.items():
-                        _write_npy(zf, f"{group}/{name}.npy", array, compress)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (POSIX); not possible on every system, and not needed for atomicity."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(path) as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr(zipfile.ZipInfo("meta.json", date_time=(1980, 1, 1, 0, 0, 0)), meta_json)
+            for name, array in params.items():
+                _write_npy(zf, f"params/{name}.npy", array, compress)
+            for group, named in arrays.items():
+                for name, array in named.items():
+                    _write_npy(zf, f"{group}/{name}.npy", array, compress)
 
 
 # ------------------------------------------------------------------------------------------------ reading

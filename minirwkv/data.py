@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_write
 from .tokenizer import get_tokenizer, tokenizer_from_spec
 
 STDLIB_MAX_CHARS = 2_000_000
@@ -98,12 +99,8 @@ def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:
         raise RuntimeError(f"{url} has sha256 {got}, expected {sha256}: the file changed upstream or the download "
                            f"was altered; not using it. Pass a copy you trust with --data path/to/input.txt")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(dest) as f:
+        f.write(data)
     return dest
 
 
@@ -180,14 +177,12 @@ def prepare(data: str, out_dir, tokenizer_name: str = "byte", val_fraction: floa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        tmp = out / f".{split}.{os.getpid()}.npy"
-        np.save(tmp, getattr(dataset, split))
-        os.replace(tmp, out / f"{split}.npy")
+        with atomic_write(out / f"{split}.npy") as f:
+            np.save(f, getattr(dataset, split))
     meta = {"source": data, "sha256": dataset.fingerprint, "val_fraction": val_fraction, "stats": dataset.stats,
             "tokenizer": dataset.tokenizer.spec()}
-    tmp = out / f".meta.{os.getpid()}.json"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    with atomic_write(out / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1))
     return dataset
 
 

@@ -36,12 +36,12 @@ The per-block path (``_run``), one line per operation; the element-wise groups a
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 
 from . import ops
+from .atomic import atomic_write
 from .model import check_params, check_tokens
 from .rnn import LayerState, State, check_state, init_state, prefill, rnn_step
 from .xp import array_module, to_numpy
@@ -317,9 +317,8 @@ def save_state(path, state: State, logits=None) -> None:
     if logits is not None:
         arrays["logits"] = to_numpy(logits)
     arrays["format"] = np.array(STATE_FORMAT)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    with atomic_write(path) as f:  # a reader never sees half a file; a failed write keeps the old one
+        np.savez(f, **arrays)
 
 
 def load_state(path):

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import optim
+from .atomic import atomic_write
 from .backends import get_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -219,7 +220,8 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
     if world.size > 1:
         run_meta["world_size"] = world.size
     if root:
-        (out / "run_config.json").write_text(json.dumps({**run_meta, "data_stats": data.stats}, indent=1))
+        with atomic_write(out / "run_config.json", "w") as f:
+            f.write(json.dumps({**run_meta, "data_stats": data.stats}, indent=1))
     best_val = float(meta.get("best_val", math.inf))
     elapsed_before = float(meta.get("elapsed", 0.0))
     n_params = sum(int(a.size) for a in state.params.values())

@@ -36,3 +36,20 @@ def test_keep_freed_memory_takes_on_glibc():
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+def test_atomic_write_replaces_only_when_complete(tmp_path):
+    import pytest
+
+    from minirwkv.atomic import atomic_write
+
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path, "w") as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    with atomic_write(path, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
