@@ -278,7 +278,7 @@ class RNNRunner(_Runner):
             np.matmul(buf.xk_m, lw.att_key, out=buf.k_m)  # (B, T, C)
             np.matmul(buf.xv_m, lw.att_value, out=buf.v_m)  # (B, T, C)
             np.matmul(buf.xr_m, lw.att_receptance, out=buf.r_m)  # (B, T, C)
-            kn.wkv_gate(lw.w, lw.u, buf.k, buf.v, buf.r, s.att_aa, s.att_bb, s.att_pp, buf.g, zero, one)
+            kn.wkv_gate(lw.w, lw.u, buf.k, buf.v, buf.r, s.att_aa, s.att_bb, s.att_pp, buf.g)
             np.matmul(buf.g_m, lw.att_output, out=buf.att_m)  # (B, T, C)
             kn.channel_mix_inputs(x, buf.att, lw.ln2_w, lw.ln2_b, s.ffn_x, lw.ffn_mix_k, lw.ffn_mix_r, one,
                                   buf.z, buf.xk, buf.xr)
@@ -286,7 +286,7 @@ class RNNRunner(_Runner):
             np.matmul(buf.xr_m, lw.ffn_receptance, out=buf.fr_m)  # (B, T, C)
             kn.relu_square(buf.fk.reshape(B * T, -1), zero)
             np.matmul(buf.fk_m, lw.ffn_value, out=buf.fv_m)  # (B, T, C)
-            kn.gate_residual(x.reshape(B * T, -1), buf.fr.reshape(B * T, -1), buf.fv.reshape(B * T, -1), zero, one)
+            kn.gate_residual(x.reshape(B * T, -1), buf.fr.reshape(B * T, -1), buf.fv.reshape(B * T, -1))
         z, logits = self._z_last[:B], self._logits[:B]
         kn.layernorm_rows(x[:, -1], self.ln_out_w, self.ln_out_b, z)  # (B, C) only the last token needs logits
         np.matmul(z[0] if B == 1 else z, self.head, out=logits[0] if B == 1 else logits)  # (B, V)

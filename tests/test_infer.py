@@ -79,11 +79,10 @@ def test_wkv_gate_kernel_equals_wkv_step(x, split, r_scale, dtype):
     want = gate_forward(r, y)[0]
     state = zero_state(B, C, dtype)
     got = np.empty_like(x.k)
-    zero, one = dtype(0), dtype(1)
     for t0, t1 in ((0, split), (split, T)):
         if t1 > t0:
             numba_infer.wkv_gate(x.w, x.time_first, x.k[:, t0:t1], x.v[:, t0:t1], r[:, t0:t1], *state,
-                                 got[:, t0:t1], zero, one)
+                                 got[:, t0:t1])
     assert_close(got, want, dtype, "same", what="sigmoid(r) * wkv")
     for name, a, b in zip(want_state._fields, state, want_state):
         assert_close(a, b, dtype, "same", what=f"state {name}")
@@ -103,7 +102,7 @@ def test_elementwise_kernels_equal_ops(N, C, seed, dtype):
     numba_infer.relu_square(h, dtype(0))
     assert_close(h, relu_square_forward(x)[0], dtype, "same", what="relu_square")
     res = x.copy()
-    numba_infer.gate_residual(res, r, kv, dtype(0), dtype(1))
+    numba_infer.gate_residual(res, r, kv)
     assert_close(res, x + gate_forward(r, kv)[0], dtype, "same", what="gate_residual")
 
 

@@ -181,6 +181,26 @@ def _exp_shifted_pair_overload(a, b):
     return impl
 
 
+def sigmoid(r):
+    """1 / (1 + e^-r) with e = exp(-|r|) <= 1, so nothing overflows: 1 / (1 + e) for r >= 0, e / (1 + e) below
+    (the branch-free form of ``minirwkv.ops.sigmoid``). Only callable from Numba code."""
+    raise TypeError("sigmoid is compiled by Numba; from Python use minirwkv.ops.sigmoid")
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid_overload(r):
+    if not isinstance(r, types.Float) or r.bitwidth not in (32, 64):
+        return None
+    constants = _constants("float32" if r.bitwidth == 32 else "float64")
+    zero, one = constants.zero, constants.one
+
+    def impl(r):
+        e = exp_nonpositive(-abs(r))
+        return _select(r >= zero, one, e) / (one + e)
+
+    return impl
+
+
 @numba.njit(cache=True, fastmath={"contract"})
 def exp_nonpositive_array(x):
     """exp_nonpositive of every element of an array (any shape), as a new array of the same dtype.

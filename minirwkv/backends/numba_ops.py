@@ -9,7 +9,7 @@ channels. docs/numba.md has the profile and the figures.
 
     token_shift_mix_forward/backward   the shift and the 2 or 3 mixes that read it: one pass for all of them
     layernorm_forward/backward         per row; sums accumulated in float64
-    gate_forward/backward              sigmoid fused in (through fastexp.exp_nonpositive)
+    gate_forward/backward              sigmoid fused in (fastexp.sigmoid, through the fast exp)
     relu_square_forward/backward
     embedding_backward                 a sequential scatter-add (np.add.at is slow)
     adamw_update                       not in minirwkv.ops: the optimizer's in-place update, one pass
@@ -31,7 +31,7 @@ import numpy as np
 from numba import prange
 
 from .. import ops
-from .fastexp import exp_nonpositive
+from .fastexp import sigmoid
 
 OVERRIDES = ("token_shift_mix_forward", "token_shift_mix_backward", "layernorm_forward", "layernorm_backward",
              "gate_forward", "gate_backward", "relu_square_forward", "relu_square_backward", "embedding_backward")
@@ -193,14 +193,13 @@ def layernorm_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------------------------
 
 @numba.njit(**_JIT)
-def _gate_forward_kernel(r, y, zero, one, out, sr):
-    """sr = sigmoid(r) = 1 / (1 + e^-r), written with e = exp(-|r|) <= 1 so nothing overflows; out = sr y."""
+def _gate_forward_kernel(r, y, out, sr):
+    """sr = sigmoid(r) (fastexp.sigmoid: nothing overflows), out = sr y."""
     N, C = r.shape
     for i in prange(N):
         r_i, y_i, out_i, sr_i = r[i], y[i], out[i], sr[i]
         for c in range(C):
-            e = exp_nonpositive(-abs(r_i[c]))
-            sr_i[c] = (one if r_i[c] >= zero else e) / (one + e)  # 1 / (1 + e) for r >= 0, e / (1 + e) below
+            sr_i[c] = sigmoid(r_i[c])
             out_i[c] = sr_i[c] * y_i[c]
 
 
@@ -208,7 +207,7 @@ def gate_forward(r, y):
     """ops.gate_forward: out = sigmoid(r) * y, one pass."""
     r2, y2 = _rows(r), _rows(y)
     out, sr = np.empty_like(r2), np.empty_like(r2)
-    _gate_forward_kernel(r2, y2, r2.dtype.type(0), r2.dtype.type(1), out, sr)
+    _gate_forward_kernel(r2, y2, out, sr)
     return out.reshape(r.shape), ops.GateCache(sr.reshape(r.shape), y)
 
 
