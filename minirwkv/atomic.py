@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+from pathlib import Path
+
+# the temporary files atomic_write makes: ".{name}.{pid}.{8 hex}.tmp" (the pid tells whether its writer still lives)
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 @contextlib.contextmanager
@@ -19,7 +24,7 @@ def atomic_write(path, mode: str = "wb"):
         raise ValueError(f"atomic_write writes a whole new file: mode 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(folder, temp_name(os.path.basename(path)))
     # os.open applies the umask, so the file ends with the permissions a plain open() would give it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -47,3 +52,42 @@ def _fsync_folder(folder):
         pass
     finally:
         os.close(fd)
+
+
+def temp_name(name: str, pid: int | None = None) -> str:
+    """The temporary name atomic_write uses for a file ``name`` written by process ``pid`` (default: this one)."""
+    return f".{name}.{os.getpid() if pid is None else pid}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_orphan_temps(folder) -> list[Path]:
+    """Remove the temporary files that killed writers (kill -9, a power cut) left in ``folder``; return them.
+
+    Only names of atomic_write's own pattern are touched, and only those whose writing process no longer exists:
+    a write in progress, by this or another live process, is left alone. A missing folder has none.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = TEMP_PATTERN.match(entry.name)
+        if match is None or not entry.is_file() or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file
+    return True

@@ -128,6 +128,15 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     return overrides, rest
 
 
+# The keys a resumed run may take from the command line; every other key comes from the checkpoint and a different
+# value is refused (minirwkv/train.py). Changing max_iters moves the learning-rate schedule: the run goes on, but it
+# is no longer bit-identical to one that never stopped, and train says so.
+RESUME_SAFE_KEYS = frozenset({
+    "max_iters", "max_seconds", "eval_interval", "log_interval", "out_dir", "resume", "overwrite", "plot",
+    "sample_tokens", "impl", "device", "blas_threads", "distributed", "data",
+})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; ``minirwkv train --key=value`` overrides any field (types checked).
@@ -169,7 +178,8 @@ class TrainConfig:
     eval_iters: int = 8  # fixed validation batches, the same at every evaluation
     log_interval: int = 10
     out_dir: str = "out"
-    resume: bool = False
+    resume: bool = False  # continue the run saved in out_dir/last.ckpt, with the configuration saved there
+    overwrite: bool = False  # start a new run in an out_dir that already holds one, replacing it
     plot: bool = True  # write loss.png at the end (needs matplotlib, the `plot` extra)
     sample_tokens: int = 300  # text printed by `minirwkv train` when it ends (0: none)
     # reproducibility and hardware
