@@ -38,10 +38,10 @@ def main(argv=None) -> int:
         print("gpu_check needs CuPy and an NVIDIA GPU: pip install minirwkv[gpu] (cupy-cuda12x). Without a GPU, "
               "the same kernel source is checked on the CPU by: pytest tests/test_wkv_kernels.py tests/test_nvcc.py")
         return 2
-    from minirwkv.backends import get_backend
+    from minirwkv.backends import get_wkv
 
     try:
-        backend = get_backend("cupy")
+        backend = get_wkv("4", "cupy")
     except RuntimeError as e:
         print(f"gpu_check: {e}")
         return 2
@@ -142,7 +142,7 @@ def run_kernel_poisoned(cupy, backend, x):
 
 
 def run_reference(x):
-    from minirwkv import wkv
+    from minirwkv.rwkv4 import wkv
 
     w = x.w.astype(x.k.dtype)
     y, state = wkv.wkv_recurrent_forward(w, x.time_first, x.k, x.v)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .config import ModelConfig
-from .model import check_params, param_shapes
+from .api import check_params
 from .pth import PthTensor, ZipArrays, read_pth, write_aligned_entry
 
 FORMAT = "minirwkv-checkpoint"
@@ -39,7 +39,7 @@ VERSION = 1
 
 
 class Checkpoint(NamedTuple):
-    params: dict  # official key -> ndarray, as saved (dtype kept), shapes as model.param_shapes
+    params: dict  # official key -> ndarray, as saved (dtype kept), shapes as the generation's param_shapes
     meta: dict  # the caller's metadata, as JSON gives it back (tuples come back as lists)
     arrays: dict  # group -> {name -> ndarray}, e.g. {"adam_m": {...}, "adam_v": {...}}
 
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"minirwkv convert: error: {e}", file=sys.stderr)
         return 1
-    n = sum(int(np.prod(s)) for s in param_shapes(config).values())
+    n = config.n_params()
     print(f"{args.src} -> {args.dst}: {config}, {n:,} parameters, {args.dtype}, "
           f"{os.path.getsize(args.dst) / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -181,6 +181,6 @@ def cmd_bench(argv: list[str]) -> int:
     try:
         from .bench import main as bench_main
     except ImportError:
-        raise RuntimeError("this minirwkv has no benchmarks (minirwkv/bench.py)") from None
+        raise RuntimeError("this minirwkv has no benchmarks (the bench/ folder of a checkout)") from None
     bench_main(argv)
     return 0

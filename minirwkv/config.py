@@ -12,22 +12,31 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of an RWKV-4 model.
+    """Shape of an RWKV model of any generation.
 
-    vocab_size V, n_embd C, n_layer L, dim_ffn F (defaults to 4C, as in every official RWKV-4 model).
-    dim_att equals n_embd in RWKV-4 and is not a separate field.
+    vocab_size V, n_embd C, n_layer L, dim_ffn F (None: the generation's default; 4C for RWKV-4).
+    version: the generation, "4" (the default), later "5" (v5.2), "6", "7" (minirwkv/generation.py).
+    head_size N: channels per head of the matrix-valued state (RWKV-5 and later; RWKV-4 has no heads and ignores
+    it). dim_att equals n_embd and is not a separate field.
     """
 
     vocab_size: int
     n_embd: int
     n_layer: int
     dim_ffn: int | None = None
+    version: str = "4"
+    head_size: int = 64
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_embd", "n_layer"):
+        for name in ("vocab_size", "n_embd", "n_layer", "head_size"):
             value = getattr(self, name)
             if not isinstance(value, (int,)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        from .generation import REGISTRY  # a table of names: importing it loads no generation
+
+        if self.version not in REGISTRY:
+            raise ValueError(f"ModelConfig.version must be one of {', '.join(REGISTRY)} (a string), got "
+                             f"{self.version!r}")
         if self.dim_ffn is None:
             object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
         elif not isinstance(self.dim_ffn, int) or isinstance(self.dim_ffn, bool) or self.dim_ffn < 1:
@@ -38,10 +47,12 @@ class ModelConfig:
         return self.n_embd
 
     def n_params(self) -> int:
-        V, C, L, F = self.vocab_size, self.n_embd, self.n_layer, self.dim_ffn
-        per_layer = 4 * C + 2 * C + 3 * C + 2 * C  # ln1, ln2 (w, b); time_decay, time_first; 3 att + 2 ffn mixes
-        per_layer += 4 * C * C + C * C + 2 * C * F
-        return 2 * V * C + 2 * C + L * per_layer + 2 * C  # emb, head, ln0, blocks, ln_out
+        """The number of parameters: the sum of the generation's shapes."""
+        import math
+
+        from .generation import get_generation
+
+        return sum(math.prod(s) for s in get_generation(self.version).param_shapes(self).values())
 
 
 def _parse_value(text: str, annotation, key: str):
@@ -169,7 +180,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # decoupled, matrices only
     grad_clip: float = 1.0  # global norm; 0 disables
-    l2wrap: bool = True  # RWKV-LM's L2Wrap logits regulariser (rwkv4-math 2.7)
+    l2wrap: bool = True  # RWKV-LM's L2Wrap logits regulariser (docs/rwkv4.md §2.7)
     # length of the run
     max_iters: int = 1000
     max_seconds: float = 0.0  # wall-clock budget (> 0): stop, evaluate and save at the deadline

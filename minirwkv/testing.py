@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .xp import to_numpy
+from .devices import to_numpy
 
 
 class Tol(NamedTuple):

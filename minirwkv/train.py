@@ -28,16 +28,16 @@ import numpy as np
 
 from . import optim
 from .atomic import atomic_write
-from .backends import get_backend
+from .backends.engine import make_engine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import check_split, get_batch, load_dataset, shard_rows
 from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
                           init_world, on_root, threads_per_rank)
-from .model import config_from_params, forward, init_params, loss_and_grads
-from .ops import cross_entropy_forward
+from .api import config_from_params, forward, init_params, loss_and_grads
+from .layers import cross_entropy_forward
 from .tokenizer import tokenizer_from_spec
-from .xp import to_numpy as _to_numpy
+from .devices import to_numpy as _to_numpy
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 
@@ -365,7 +365,7 @@ def _setup(config: TrainConfig, out: Path, root: bool):
     elif state.params["emb.weight"].shape[0] != tokenizer.vocab_size:
         raise ValueError(f"--resume: the checkpoint's vocabulary ({state.params['emb.weight'].shape[0]}) differs "
                          f"from its tokenizer's ({tokenizer.vocab_size}): a corrupt checkpoint")
-    backend = get_backend(config.impl, on_gpu=xp is not np).name
+    backend = make_engine(config.impl, config.device).name
     return state, meta, data, tokenizer, backend, model_config
 
 

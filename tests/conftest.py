@@ -5,8 +5,12 @@
     thorough  many examples: before a release or after touching a kernel
 """
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, for the test files in every subfolder
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", derandomize=True, max_examples=50, print_blob=True, **_common)

@@ -85,7 +85,7 @@ def test_bad_state(params):
 
 
 def test_unknown_backend(params):
-    with pytest.raises(ValueError, match="unknown WKV implementation 'fast'.*numpy"):
+    with pytest.raises(ValueError, match="unknown engine \(impl\) 'fast'.*numpy"):
         minirwkv.forward(params, np.array([[1]]), impl="fast")
 
 

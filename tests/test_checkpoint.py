@@ -11,7 +11,7 @@ import pytest
 
 from minirwkv.checkpoint import Checkpoint, convert, load_checkpoint, load_params, main, save_checkpoint
 from minirwkv.config import ModelConfig
-from minirwkv.model import param_shapes
+from minirwkv.rwkv4.model import param_shapes
 from minirwkv.pth import load_pth, save_pth
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

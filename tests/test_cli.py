@@ -64,7 +64,7 @@ def test_train_then_sample_end_to_end(tmp_path):
 
 def test_sample_refuses_mismatched_and_corrupt_checkpoints(tmp_path, capsys):
     from minirwkv.config import ModelConfig
-    from minirwkv.model import init_params
+    from minirwkv import init_params
 
     params = init_params(ModelConfig(vocab_size=200, n_embd=8, n_layer=1))  # fewer rows than the byte tokenizer
     save_checkpoint(tmp_path / "mixed.ckpt", params, meta={"tokenizer": {"name": "byte", "vocab_size": 256}})

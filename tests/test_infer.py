@@ -6,11 +6,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minirwkv import ModelConfig, forward, init_params, init_state, prefill, rnn_step
-from minirwkv.backends import numba_infer
+from minirwkv.backends.numba import infer4 as numba_infer
 from minirwkv.infer import RNNRunner, broadcast_state, fold_ln0, load_state, save_state
-from minirwkv.ops import gate_forward, layernorm_forward, relu_square_forward
+from minirwkv.layers import gate_forward, layernorm_forward, relu_square_forward
 from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
-from minirwkv.wkv import wkv_recurrent_forward, zero_state
+from minirwkv.rwkv4.wkv import wkv_recurrent_forward, zero_state
 
 CONFIG = ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20)
 
@@ -215,7 +215,7 @@ def test_load_state_refuses_other_files(tmp_path):
 
 
 def test_bench_quick_runs(capsys):
-    from minirwkv.bench_infer import bytes_per_token, main, random_params
+    from minirwkv.bench.infer import bytes_per_token, main, random_params
 
     rows = main(["--quick", "--no-official"])
     assert rows[0]["model"] == "tiny" and rows[0]["rnn_tok_s"] > 0 and rows[0]["prefill_tok_s"] > 0

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 import minirwkv
-from minirwkv import ops
+from minirwkv import layers as ops
 from minirwkv.testing import numerical_gradient
 from _common import Checks, out_dir, pyplot
 

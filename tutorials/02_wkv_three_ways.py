@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from minirwkv import wkv
+from minirwkv.rwkv4 import wkv
 from _common import Checks, ascii_heatmap, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size

@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from minirwkv import wkv
-from minirwkv.backends import get_backend
+from minirwkv.rwkv4 import wkv
+from minirwkv.backends import get_wkv
 from minirwkv.testing import numerical_gradient
 from _common import Checks
 
@@ -148,7 +148,7 @@ for name, i in (("gw", 0), ("gu", 1), ("gk", 2), ("gv", 3)):
 # (here the NumPy recurrent reference); check it against finite differences in theta.
 
 # %%
-backend = get_backend("numpy")
+backend = get_wkv("4", "numpy")
 y_layer, layer_cache, _ = wkv.wkv_forward(theta, u, k, v, backend)
 g_theta, g_u, _, _ = wkv.wkv_backward(g, layer_cache)
 

@@ -21,8 +21,9 @@ import textwrap
 import numpy as np
 
 import minirwkv
-from minirwkv import model, ops
-from minirwkv.backends import get_backend
+from minirwkv import layers as ops
+from minirwkv.backends.engine import make_engine
+from minirwkv.rwkv4 import model
 from minirwkv.testing import assert_close
 from _common import Checks
 
@@ -32,15 +33,15 @@ np.set_printoptions(precision=4, suppress=True, linewidth=120)
 
 # %% [markdown]
 # A tiny model in float64 (the dtype of a check: rounding errors of 1e-16 leave finite differences accurate to
-# ~1e-10). The parameters are a flat dict keyed by the official checkpoint names. The WKV backend is the NumPy
-# recurrent reference of `wkv.py` ("numpy"): the default "auto" would pick the Numba kernel, which compiles on first
-# use; the result is the same.
+# ~1e-10). The parameters are a flat dict keyed by the official checkpoint names. The engine is "numpy": the
+# reference element-wise layers and the NumPy recurrent WKV of `rwkv4/wkv.py` (the default "auto" would pick the
+# Numba kernels, which compile on first use; the result is the same).
 
 # %%
 V, C, F, L = (11, 6, 12, 1) if QUICK else (13, 8, 16, 2)
 B, T = (2, 4) if QUICK else (2, 8)
 config = minirwkv.ModelConfig(vocab_size=V, n_embd=C, n_layer=L, dim_ffn=F)
-backend = get_backend("numpy")
+engine = make_engine("numpy")
 init = minirwkv.init_params(config, seed=0, dtype=np.float64)
 for name in model.param_shapes(config):
     if name.startswith("blocks.0.") or not name.startswith("blocks."):
@@ -131,10 +132,10 @@ x_in = rng.normal(size=(B, T, C))  # (B, T, C) the residual stream entering the 
 
 def block_forward(params, x):
     z, c_ln1 = ops.layernorm_forward(x, params[p + "ln1.weight"], params[p + "ln1.bias"])  # (B, T, C)
-    att, c_att, _ = model.time_mixing_forward(params, p, z, None, None, backend)  # (B, T, C)
+    att, c_att, _ = model.time_mixing_forward(params, p, z, None, None, engine)  # (B, T, C)
     x = x + att  # (B, T, C)
     z, c_ln2 = ops.layernorm_forward(x, params[p + "ln2.weight"], params[p + "ln2.bias"])  # (B, T, C)
-    ffn, c_ffn, _ = model.channel_mixing_forward(params, p, z, None)  # (B, T, C)
+    ffn, c_ffn, _ = model.channel_mixing_forward(params, p, z, None, engine.ops)  # (B, T, C)
     x = x + ffn  # (B, T, C)
     return x, (c_ln1, c_att, c_ln2, c_ffn)
 
@@ -155,10 +156,10 @@ print("ChannelMix hidden relu(xk Wk^T)^2:", block_cache[3].relu_square.shape, "(
 def block_backward(dx, cache):
     c_ln1, c_att, c_ln2, c_ffn = cache
     grads = {}
-    dz = model.channel_mixing_backward(dx, c_ffn, p, grads)  # x = x + ffn: through ffn ...
+    dz = model.channel_mixing_backward(dx, c_ffn, p, grads, engine.ops)  # x = x + ffn: through ffn ...
     dz, grads[p + "ln2.weight"], grads[p + "ln2.bias"] = ops.layernorm_backward(dz, c_ln2)
     dx = dx + dz  # ... and straight through the residual
-    dz = model.time_mixing_backward(dx, c_att, p, grads)  # x = x + att: through att ...
+    dz = model.time_mixing_backward(dx, c_att, p, grads, engine.ops)  # x = x + att: through att ...
     dz, grads[p + "ln1.weight"], grads[p + "ln1.bias"] = ops.layernorm_backward(dz, c_ln1)
     dx = dx + dz  # ... and straight through the residual
     return dx, grads

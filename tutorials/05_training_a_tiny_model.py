@@ -36,7 +36,7 @@ import numpy as np
 
 import minirwkv
 from minirwkv import optim
-from minirwkv.backends import get_backend
+from minirwkv.backends.engine import make_engine
 from minirwkv.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
 from minirwkv.data import format_stats, get_batch, load_dataset
@@ -199,7 +199,7 @@ for s in shown:
 # small); we do the same, so that both compute every product in the same order.
 
 # %%
-backend = get_backend(config.impl).name  # "auto" resolved: what the trainer will print and record
+backend = make_engine(config.impl, config.device).name  # "auto" resolved: what the trainer will print and record
 
 
 def train_step(params, opt, step, cfg, tokens):

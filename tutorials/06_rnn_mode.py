@@ -32,7 +32,7 @@ import numpy as np
 import minirwkv
 from minirwkv.generate import generate_text
 from minirwkv.infer import RNNRunner, load_state, save_state
-from minirwkv.rnn import LayerState
+from minirwkv.rwkv4.state import LayerState
 from minirwkv.tokenizer import ByteTokenizer
 from _common import Checks, out_dir, pyplot
 

@@ -24,8 +24,8 @@ from importlib.resources import files
 
 import numpy as np
 
-from minirwkv import wkv
-from minirwkv.backends import get_backend
+from minirwkv.rwkv4 import wkv
+from minirwkv.backends import get_wkv
 from minirwkv.testing import init_like_wkv_inputs, make_wkv_inputs
 from _common import Checks
 
@@ -129,7 +129,7 @@ show(shim_cpp, '#include "cuda_shim.h"', '#include "wkv4.cu"', "kernels/cuda_shi
 
 # %%
 try:
-    shim = get_backend("cuda-shim")
+    shim = get_wkv("4", "cuda-shim")
     print("cuda-shim backend ready:", shim.name)
 except RuntimeError as e:
     shim = None
@@ -290,14 +290,14 @@ checks.exact("one writer per output: same in both orders",
 #
 # ## 4. On a GPU: CuPy
 #
-# `get_backend("cupy")` compiles wkv4.cu at first use with NVRTC (through `cupy.RawModule`, the templates
+# `get_wkv("4", "cupy")` compiles wkv4.cu at first use with NVRTC (through `cupy.RawModule`, the templates
 # instantiated by name) and launches it on CuPy arrays. If CuPy or a GPU is missing it raises a RuntimeError that
 # says which; then this part is skipped. With a GPU we run the same comparisons as for the shim, plus the GPU
 # against the shim on the same float32 inputs.
 
 # %%
 try:
-    gpu = get_backend("cupy")
+    gpu = get_wkv("4", "cupy")
 except RuntimeError as e:
     gpu = None
     print(f"SKIPPED the GPU part: {e}")

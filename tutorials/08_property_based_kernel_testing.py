@@ -24,7 +24,7 @@ import numpy as np
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis.errors import NoSuchExample
 
-from minirwkv import wkv
+from minirwkv.rwkv4 import wkv
 from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
 from _common import Checks
 

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("numba")
 
-from minirwkv.backends import numba_wkv  # noqa: E402
+from minirwkv.backends.numba import wkv4 as numba_wkv  # noqa: E402
 from minirwkv.testing import WKVInputs, assert_close, make_wkv_inputs  # noqa: E402
-from minirwkv.wkv import WKVState, wkv_recurrent_backward, wkv_recurrent_forward  # noqa: E402
+from minirwkv.rwkv4.wkv import WKVState, wkv_recurrent_backward, wkv_recurrent_forward  # noqa: E402
 
 def _run_numba(x: WKVInputs):
     w = x.w.astype(x.k.dtype)  # the contract takes w = -exp(time_decay) in the inputs' dtype

@@ -18,10 +18,10 @@ from importlib.resources import files
 
 import numpy as np
 
-from . import WKVBackend
-from ..wkv import MIN_VALUE, WKVState
-from .shim_wkv import check_wkv_args
-from ..xp import is_cupy
+from .. import WKVBackend
+from ...rwkv4.wkv import MIN_VALUE, WKVState
+from .shim_wkv4 import check_wkv_args
+from ...devices import is_cupy
 
 THREADS_PER_BLOCK = 32  # one warp: 32 consecutive channels of one time step, read in one coalesced access
 # No --use_fast_math: exp stays the accurate expf / exp (wkv4.cu's header says why).

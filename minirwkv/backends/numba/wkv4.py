@@ -39,8 +39,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..wkv import MIN_VALUE, WKVState, zero_state
-from . import WKVBackend
+from ...rwkv4.wkv import MIN_VALUE, WKVState, zero_state
+from .. import WKVBackend
 from .fastexp import exp_nonpositive, exp_shifted_pair
 
 SIMD_WIDTH = 16  # channels per cache line of float32; blocks are multiples of it

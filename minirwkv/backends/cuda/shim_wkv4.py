@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import WKVBackend
-from ..wkv import WKVState, zero_state
+from .. import WKVBackend
+from ...rwkv4.wkv import WKVState, zero_state
 
 SOURCES = ("wkv4.cu", "cuda_shim.h", "cuda_shim.cpp")  # in the package minirwkv.kernels (the kernels/ folder)
 # -ffp-contract=off: no fused multiply-adds, so the shim rounds like the NumPy reference it is compared with.

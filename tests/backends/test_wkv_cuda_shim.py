@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from minirwkv.backends import get_backend
+from minirwkv.backends import get_wkv
 from minirwkv.testing import make_wkv_inputs
 
 pytestmark = pytest.mark.skipif(
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def shim():
-    return get_backend("cuda-shim")
+    return get_wkv("4", "cuda-shim")
 
 
 def test_shim_rejects_mixed_dtypes(shim):

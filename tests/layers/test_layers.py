@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minirwkv import ops
+from minirwkv import layers as ops
 from minirwkv.testing import assert_close, numerical_gradient
 
 def numeric_grad(f, x, dy):

@@ -6,7 +6,7 @@ Glossary (shapes are written in this notation everywhere):
     theta = time_decay (raw, as stored in checkpoints), w = -exp(theta) the per-step log-decay (< 0),
     u = time_first the bonus of the current token. mu = time_mix_* the weight of the current token in a mix.
 
-Architecture (paper section 4; BlinkDL/RWKV-LM ``RWKV-v4neo/src/model.py``; rwkv4-math section 2):
+Architecture (paper section 4; BlinkDL/RWKV-LM ``RWKV-v4neo/src/model.py``; docs/rwkv4.md §2):
     x = LN_ln0(emb[idx])
     for each block:  x = x + TimeMix(LN_ln1(x));  x = x + ChannelMix(LN_ln2(x))
     logits = LN_ln_out(x) @ head.T
@@ -25,11 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import ops, wkv
-from .backends import get_backend
-from .backends.ops_registry import get_ops
-from .config import ModelConfig
-from .xp import array_module, is_cupy
+from .. import layers
+from ..config import ModelConfig
+from . import wkv
+from .state import LayerState, State
 
 EMB_INIT = 1e-4  # half-width of the uniform embedding init ("SmallInitEmb" in the RWKV-LM README)
 ZERO_INIT = ("att.key.weight", "att.receptance.weight", "att.output.weight", "ffn.value.weight",
@@ -71,8 +70,6 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def config_from_params(params: dict) -> ModelConfig:
     """Read (V, C, L, F) from the shapes: emb.weight (V, C), the highest block index, ffn.key.weight (F, C)."""
-    if not isinstance(params, dict):
-        raise ValueError(f"params must be a dict of official RWKV-4 names to arrays, got {type(params).__name__}")
     if "emb.weight" not in params or getattr(params["emb.weight"], "ndim", 0) != 2:
         raise ValueError("params has no 2-D 'emb.weight' (V, C): not an RWKV-4 parameter dict")
     V, C = params["emb.weight"].shape
@@ -85,63 +82,14 @@ def config_from_params(params: dict) -> ModelConfig:
     return ModelConfig(vocab_size=int(V), n_embd=int(C), n_layer=max(layers) + 1, dim_ffn=int(params[key].shape[0]))
 
 
-def check_params(params: dict, check_finite: bool = True) -> ModelConfig:
-    """Validate a parameter dict and return its config. Raises ValueError naming every problem.
-
-    Checks: the exact set of official keys (lists what is missing and what is extra), every shape, one floating
-    dtype (float32 or float64) shared by all, one array module (NumPy or CuPy), and (optionally) finite values.
-    """
-    config = config_from_params(params)
-    expected = param_shapes(config)
-    missing = [k for k in expected if k not in params]
-    extra = [k for k in params if k not in expected]
-    wrong = [f"{k}: {tuple(params[k].shape)} (expected {s})" for k, s in expected.items()
-             if k in params and tuple(getattr(params[k], "shape", ())) != s]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected keys: {', '.join(extra)}")
-    if wrong:
-        problems.append(f"wrong shapes: {'; '.join(wrong)}")
-    if problems:
-        raise ValueError(f"not a valid RWKV-4 parameter dict for {config}: " + " | ".join(problems))
-    dtypes = {np.dtype(a.dtype) for a in params.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
-        raise ValueError(f"parameters must all be float32 or all float64, got dtypes {sorted(map(str, dtypes))}; "
-                         f"convert with {{k: v.astype(np.float32) for k, v in params.items()}}")
-    modules = {type(a).__module__.split(".")[0] for a in params.values()}
-    if len(modules) != 1:
-        raise ValueError(f"parameters mix array types {sorted(modules)}; move them all to one device first")
-    if check_finite:
-        xp = array_module(params["emb.weight"])
-        bad = [k for k, a in params.items() if not bool(xp.isfinite(a).all())]
-        if bad:
-            raise ValueError(f"non-finite values (NaN or inf) in parameters: {', '.join(bad)}")
-    return config
-
-
-def check_tokens(idx, vocab_size: int, xp=np, name: str = "idx", ndim: int = 2):
-    """Token ids must be an integer array of the given rank, non-empty, with every id in [0, vocab_size)."""
-    if type(idx).__module__.split(".")[0] != xp.__name__:
-        where = "the GPU (CuPy)" if xp.__name__ == "cupy" else "the CPU (NumPy)"
-        raise ValueError(f"{name} must be on the same device as the parameters ({where}); move it explicitly, "
-                         f"e.g. cupy.asarray({name}) or cupy.asnumpy({name})")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array of token ids, got dtype {idx.dtype}")
-    if idx.ndim != ndim:
-        want = "(B, T)" if ndim == 2 else "(B,)"
-        raise ValueError(f"{name} must have shape {want}, got shape {tuple(idx.shape)}")
-    if idx.size == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(idx.shape)}): need at least one token")
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{name} has token ids outside [0, {vocab_size}): min {lo}, max {hi}; "
-                         f"the tokenizer does not match this model's vocabulary (vocab_size={vocab_size})")
+def detect(params: dict) -> bool:
+    """RWKV-4 has time_first (the bonus, exponentiated) and a 1-D time_decay, and no GroupNorm ln_x."""
+    return ("blocks.0.att.time_first" in params and "blocks.0.att.ln_x.weight" not in params
+            and getattr(params.get("blocks.0.att.time_decay"), "ndim", 0) == 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Initialisation (rwkv4-math section 5; RWKV-v4neo model.py RWKV_TimeMix / RWKV_ChannelMix constructors and
+# Initialisation (docs/rwkv4.md §5; RWKV-v4neo model.py RWKV_TimeMix / RWKV_ChannelMix constructors and
 # generate_init_weight)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -168,10 +116,6 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     att.receptance, att.output, ffn.value, ffn.receptance; head gain times 0.5; emb uniform(-1e-4, 1e-4).
     LayerNorms: weight 1, bias 0.
     """
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"init_params needs a ModelConfig, got {type(config).__name__}")
-    if np.dtype(dtype) not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     rng = np.random.default_rng(seed)
     C, L = config.n_embd, config.n_layer
     d = np.arange(C) / C  # (C,) channel ramp, d_0 = 0
@@ -214,37 +158,38 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 class TimeMixCache(NamedTuple):
-    mix_k: ops.MixCache
-    mix_v: ops.MixCache
-    mix_r: ops.MixCache
-    key: ops.LinearCache
-    value: ops.LinearCache
-    receptance: ops.LinearCache
+    mix_k: layers.MixCache
+    mix_v: layers.MixCache
+    mix_r: layers.MixCache
+    key: layers.LinearCache
+    value: layers.LinearCache
+    receptance: layers.LinearCache
     wkv: wkv.WKVCache
-    gate: ops.GateCache
-    output: ops.LinearCache
+    gate: layers.GateCache
+    output: layers.LinearCache
 
 
-def time_mixing_forward(params, p, z, x_prev, wkv_state, backend, ops=ops):
+def time_mixing_forward(params, p, z, x_prev, wkv_state, engine):
     """TimeMix of block ``p`` ("blocks.i.") on z = LN_ln1(x) (B, T, C). -> out (B, T, C), cache, state out.
 
     x_prev (B, C) is z of the token before this chunk (None: zeros), wkv_state the WKVState before it (None: zero).
-    ``ops`` is the set of element-wise kernels: minirwkv.ops, or its Numba overrides (backends/ops_registry.py).
+    ``engine`` (minirwkv.backends.engine) gives the element-wise kernels and the WKV.
     """
+    ops = engine.ops
     mixes = (params[p + "att.time_mix_k"], params[p + "att.time_mix_v"], params[p + "att.time_mix_r"])
     (xk, xv, xr), (c_mix_k, c_mix_v, c_mix_r) = ops.token_shift_mix_forward(z, x_prev, mixes)  # (B, T, C) each
     k, c_key = ops.linear_forward(xk, params[p + "att.key.weight"])  # (B, T, C)
     v, c_value = ops.linear_forward(xv, params[p + "att.value.weight"])  # (B, T, C)
     r, c_receptance = ops.linear_forward(xr, params[p + "att.receptance.weight"])  # (B, T, C)
     y, c_wkv, wkv_state = wkv.wkv_forward(params[p + "att.time_decay"], params[p + "att.time_first"],
-                                          k, v, backend, wkv_state)  # (B, T, C)
+                                          k, v, engine.wkv("4"), wkv_state)  # (B, T, C)
     g, c_gate = ops.gate_forward(r, y)  # (B, T, C)
     out, c_output = ops.linear_forward(g, params[p + "att.output.weight"])  # (B, T, C)
     cache = TimeMixCache(c_mix_k, c_mix_v, c_mix_r, c_key, c_value, c_receptance, c_wkv, c_gate, c_output)
     return out, cache, (z[:, -1], wkv_state)
 
 
-def time_mixing_backward(dout, cache: TimeMixCache, p, grads, ops=ops):
+def time_mixing_backward(dout, cache: TimeMixCache, p, grads, ops):
     """TimeMix read upwards. Writes parameter gradients into ``grads``; returns dz (B, T, C)."""
     dg, grads[p + "att.output.weight"] = ops.linear_backward(dout, cache.output)
     dr, dy = ops.gate_backward(dg, cache.gate)
@@ -258,16 +203,16 @@ def time_mixing_backward(dout, cache: TimeMixCache, p, grads, ops=ops):
 
 
 class ChannelMixCache(NamedTuple):
-    mix_k: ops.MixCache
-    mix_r: ops.MixCache
-    key: ops.LinearCache
+    mix_k: layers.MixCache
+    mix_r: layers.MixCache
+    key: layers.LinearCache
     relu_square: np.ndarray
-    value: ops.LinearCache
-    receptance: ops.LinearCache
-    gate: ops.GateCache
+    value: layers.LinearCache
+    receptance: layers.LinearCache
+    gate: layers.GateCache
 
 
-def channel_mixing_forward(params, p, z, x_prev, ops=ops):
+def channel_mixing_forward(params, p, z, x_prev, ops):
     """ChannelMix of block ``p`` on z = LN_ln2(x) (B, T, C). -> out (B, T, C), cache, z[:, -1] (the state)."""
     mixes = (params[p + "ffn.time_mix_k"], params[p + "ffn.time_mix_r"])
     (xk, xr), (c_mix_k, c_mix_r) = ops.token_shift_mix_forward(z, x_prev, mixes)  # (B, T, C) each
@@ -279,7 +224,7 @@ def channel_mixing_forward(params, p, z, x_prev, ops=ops):
     return out, ChannelMixCache(c_mix_k, c_mix_r, c_key, c_relu, c_value, c_receptance, c_gate), z[:, -1]
 
 
-def channel_mixing_backward(dout, cache: ChannelMixCache, p, grads, ops=ops):
+def channel_mixing_backward(dout, cache: ChannelMixCache, p, grads, ops):
     """ChannelMix read upwards. Writes parameter gradients into ``grads``; returns dz (B, T, C)."""
     dr, dkv = ops.gate_backward(dout, cache.gate)
     dxr, grads[p + "ffn.receptance.weight"] = ops.linear_backward(dr, cache.receptance)
@@ -292,36 +237,32 @@ def channel_mixing_backward(dout, cache: ChannelMixCache, p, grads, ops=ops):
 
 
 class BlockCache(NamedTuple):
-    ln1: ops.LayerNormCache
+    ln1: layers.LayerNormCache
     att: TimeMixCache
-    ln2: ops.LayerNormCache
+    ln2: layers.LayerNormCache
     ffn: ChannelMixCache
 
 
 class ModelCache(NamedTuple):
-    emb: ops.EmbeddingCache
-    ln0: ops.LayerNormCache
+    emb: layers.EmbeddingCache
+    ln0: layers.LayerNormCache
     blocks: list
-    ln_out: ops.LayerNormCache
-    head: ops.LinearCache
+    ln_out: layers.LayerNormCache
+    head: layers.LinearCache
     n_layer: int
-    ops: object  # the element-wise kernels the forward used; the backward uses the same
+    ops: object  # the element-wise kernels the forward used (engine.ops); the backward uses the same
 
 
-def model_forward(params, idx, backend, state=None, ops=None):
+def model_forward(params, idx, engine, config: ModelConfig, state: State | None = None):
     """Parallel-mode forward. -> logits (B, T, V), ModelCache, and the RNN state after the last token.
 
-    ``state`` (a ``minirwkv.rnn.State`` or None for the zero state) continues from earlier tokens: the token shift
-    starts from its att_x / ffn_x and the WKV from its (aa, bb, pp). Gradients never flow into ``state``.
-    ``ops``: the element-wise kernels; None: those that go with the WKV backend (``get_ops(backend.name)``: the
-    Numba overrides with the numba backend, minirwkv.ops otherwise).
+    ``state`` (a State of rwkv4.state.LayerState, or None for the zero state) continues from earlier tokens: the
+    token shift starts from its att_x / ffn_x and the WKV from its (aa, bb, pp). Gradients never flow into
+    ``state``. ``engine`` gives the element-wise kernels and the WKV; nothing is validated here (minirwkv.api is
+    the edge that checks).
     """
-    from .rnn import LayerState, State  # rnn.py builds on this module; the State type lives there
-
-    if ops is None:
-        ops = get_ops(backend.name)
-
-    L = len([k for k in params if k.endswith(".ln1.weight")])
+    ops = engine.ops
+    L = config.n_layer
     x, c_emb = ops.embedding_forward(params["emb.weight"], idx)  # (B, T, C)
     x, c_ln0 = ops.layernorm_forward(x, params["blocks.0.ln0.weight"], params["blocks.0.ln0.bias"])  # (B, T, C)
     blocks, layers_out = [], []
@@ -330,8 +271,7 @@ def model_forward(params, idx, backend, state=None, ops=None):
         s = state.layers[i] if state is not None else None
         z, c_ln1 = ops.layernorm_forward(x, params[p + "ln1.weight"], params[p + "ln1.bias"])  # (B, T, C)
         wkv_in = wkv.WKVState(s.att_aa, s.att_bb, s.att_pp) if s is not None else None
-        att, c_att, (att_x, wkv_out) = time_mixing_forward(params, p, z, s.att_x if s else None, wkv_in, backend,
-                                                           ops)
+        att, c_att, (att_x, wkv_out) = time_mixing_forward(params, p, z, s.att_x if s else None, wkv_in, engine)
         x = x + att  # (B, T, C)
         z, c_ln2 = ops.layernorm_forward(x, params[p + "ln2.weight"], params[p + "ln2.bias"])  # (B, T, C)
         ffn, c_ffn, ffn_x = channel_mixing_forward(params, p, z, s.ffn_x if s else None, ops)
@@ -361,40 +301,3 @@ def model_backward(dlogits, cache: ModelCache) -> dict:
     dx, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = ops.layernorm_backward(dx, cache.ln0)
     grads["emb.weight"] = ops.embedding_backward(dx, cache.emb)
     return grads
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Public entry points
-# ---------------------------------------------------------------------------------------------------------------
-
-def _backend_for(params, impl):
-    return get_backend(impl, on_gpu=is_cupy(params["emb.weight"]))
-
-
-def forward(params: dict, idx, impl: str = "auto"):
-    """Logits (B, T, V) for token ids idx (B, T), in parallel mode from the zero state."""
-    config = check_params(params)
-    check_tokens(idx, config.vocab_size, array_module(params["emb.weight"]))
-    logits, _, _ = model_forward(params, idx, _backend_for(params, impl))
-    return logits
-
-
-def loss_and_grads(params: dict, idx, targets, impl: str = "auto", l2wrap: bool = False):
-    """Mean cross-entropy of predicting targets (B, T) from idx (B, T), and its gradient for every parameter.
-
-    ``l2wrap`` adds RWKV-LM's L2Wrap gradient (ops.l2wrap_backward), which does not change the reported loss.
-    """
-    config = check_params(params)
-    xp = array_module(params["emb.weight"])
-    check_tokens(idx, config.vocab_size, xp)
-    check_tokens(targets, config.vocab_size, xp, name="targets")
-    if targets.shape != idx.shape:
-        raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-    logits, cache, _ = model_forward(params, idx, _backend_for(params, impl))
-    loss, c_ce = ops.cross_entropy_forward(logits, targets)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss}: the forward pass produced non-finite logits")
-    dlogits = ops.cross_entropy_backward(c_ce)  # (B, T, V)
-    if l2wrap:
-        dlogits += ops.l2wrap_backward(logits)
-    return loss, model_backward(dlogits, cache)

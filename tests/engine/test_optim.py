@@ -7,7 +7,7 @@ import pytest
 from minirwkv import optim
 from minirwkv.checkpoint import load_checkpoint, save_checkpoint
 from minirwkv.config import ModelConfig
-from minirwkv.model import init_params
+from minirwkv import init_params
 from minirwkv.testing import assert_close
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 
-from minirwkv import wkv
+from minirwkv.rwkv4 import wkv
 from minirwkv.testing import assert_close, init_like_wkv_inputs, make_wkv_inputs, numerical_gradient, wkv_inputs
 
 DTYPES = [np.float64, np.float32]

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minirwkv import wkv
-from minirwkv.backends import get_backend
+from minirwkv.rwkv4 import wkv
+from minirwkv.backends import get_wkv
 from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
-from minirwkv.xp import to_numpy
+from minirwkv.devices import to_numpy
 
 KERNELS = ["numba", "cuda-shim", "cupy"]
 
@@ -22,7 +22,7 @@ KERNELS = ["numba", "cuda-shim", "cupy"]
 def kernel(request):
     """(backend, array module) of one kernel, or a skip that says why it cannot run here."""
     try:
-        backend = get_backend(request.param)
+        backend = get_wkv("4", request.param)
     except RuntimeError as e:
         pytest.skip(str(e))
     if request.param == "cupy":

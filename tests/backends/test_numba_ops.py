@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 import minirwkv  # noqa: E402
-from minirwkv import model, ops  # noqa: E402
-from minirwkv.backends import numba_ops  # noqa: E402
-from minirwkv.backends.fastexp import exp_nonpositive_array  # noqa: E402
-from minirwkv.backends.ops_registry import get_ops  # noqa: E402
+from minirwkv import layers as ops  # noqa: E402
+from minirwkv.api import init_params  # noqa: E402
+from minirwkv.backends.numba import ops as numba_ops  # noqa: E402
+from minirwkv.backends.numba.fastexp import exp_nonpositive_array  # noqa: E402
+from minirwkv.backends.engine import make_engine  # noqa: E402
 from minirwkv.testing import assert_close  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
@@ -190,7 +191,7 @@ def test_embedding_backward_equals_reference(dtype):
 
 def _random_model(dtype, seed=0):
     config = minirwkv.ModelConfig(vocab_size=13, n_embd=9, n_layer=2)
-    params = model.init_params(config, seed=seed, dtype=dtype)
+    params = init_params(config, seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     for k, a in params.items():  # no zero matrices and non-trivial norms, so every gradient path carries signal
         params[k] = np.ascontiguousarray(a + 0.3 * rng.standard_normal(a.shape), dtype=dtype)
@@ -216,14 +217,14 @@ def test_model_numba_equals_numpy(dtype, kind, T):
 
 
 def test_ops_registry_overrides_are_explicit():
-    numba_namespace, reference = get_ops("numba"), get_ops("numpy")
-    assert get_ops("auto") is numba_namespace
+    numba_namespace, reference = make_engine("numba").ops, make_engine("numpy").ops
+    assert make_engine("auto") is make_engine("numba")
     assert numba_namespace.overridden == numba_ops.OVERRIDES and reference.overridden == ()
     for name in numba_ops.OVERRIDES:
         assert getattr(numba_namespace, name) is getattr(numba_ops, name)
         assert getattr(reference, name) is getattr(ops, name)
     assert numba_namespace.linear_forward is ops.linear_forward  # not overridden: the reference (BLAS)
-    assert get_ops("parallel").overridden == ()
+    assert make_engine("parallel").ops.overridden == ()
 
 
 # ---------------------------------------------------------------------------------------------------------------

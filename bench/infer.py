@@ -1,9 +1,9 @@
 """Benchmark of RNN-mode inference (minirwkv/infer.py): tokens/s against the memory roofline, prefill, and the
 official ``rwkv`` package on the same weights. Prints one table; nothing here is a test.
 
-    python -m minirwkv.bench_infer                 # tiny and 169M-shaped models, and the official package if present
-    python -m minirwkv.bench_infer --quick         # the tiny model and a short prompt: a smoke test in seconds
-    python -m minirwkv.bench_infer --threads 1     # BLAS (and torch) threads; default: the libraries' own choice
+    python -m minirwkv.bench.infer                 # tiny and 169M-shaped models, and the official package if present
+    python -m minirwkv.bench.infer --quick         # the tiny model and a short prompt: a smoke test in seconds
+    python -m minirwkv.bench.infer --threads 1     # BLAS (and torch) threads; default: the libraries' own choice
 
 The roofline of one RNN step at batch 1: every matrix is read once per token (a matrix-vector product cannot reuse
 a weight), so the step cannot take less than (bytes of all matrices + head + one embedding row) / bandwidth. The
@@ -21,11 +21,12 @@ import tempfile
 
 import numpy as np
 
-from .config import ModelConfig
-from .infer import RNNRunner
-from .bench import copy_bandwidth, median_time
-from .model import param_shapes
-from .process import tune_for_training
+from minirwkv.config import ModelConfig
+from minirwkv.generation import get_generation
+from minirwkv.infer import RNNRunner
+from minirwkv.process import tune_for_training
+
+from .common import copy_bandwidth, median_time
 
 MODELS = {"tiny": ModelConfig(vocab_size=256, n_embd=64, n_layer=2),
           "169M": ModelConfig(vocab_size=50277, n_embd=768, n_layer=12)}  # RWKV-4-Pile-169M's shapes
@@ -38,7 +39,7 @@ def random_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     Fast for large shapes (no orthogonalisation, unlike init_params)."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in param_shapes(config).items():
+    for name, shape in get_generation(config.version).param_shapes(config).items():
         leaf = name.split(".")[-1]
         if len(shape) == 2:
             value = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(shape[1]))
@@ -180,7 +181,7 @@ def print_table(rows: list, bandwidth: float):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minirwkv.bench_infer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minirwkv.bench.infer", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model, a 128-token prompt, few repeats")
     p.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     p.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))

@@ -5,7 +5,7 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install minirwkv[gpu]); the GPU kernels are "
                                           "checked on the CPU by the cuda-shim backend in tests/test_wkv_kernels.py")
 
-from minirwkv.backends import get_backend  # noqa: E402
+from minirwkv.backends import get_wkv  # noqa: E402
 from minirwkv.testing import make_wkv_inputs  # noqa: E402
 
 
@@ -23,7 +23,7 @@ T1 = make_wkv_inputs(3, 1, 4, seed=3)
 
 @pytest.fixture(scope="module")
 def gpu():
-    return get_backend("cupy")
+    return get_wkv("4", "cupy")
 
 
 def test_cupy_rejects_numpy_arrays(gpu):

@@ -17,10 +17,10 @@ log space with the row maximum subtracted: nothing overflows for any k. O(T^2) m
 
 Recurrent form: the numerator and denominator are running sums a_t, b_t with a_{t+1} = e^w a_t + e^{k_t} v_t. Stored
 naively they overflow (float32 exp overflows above ~88.7), so the state is kept as (aa, bb, pp) with a = aa e^pp,
-b = bb e^pp, and every exp argument is <= 0 (rwkv4-math section 3.2). Its backward is the two-sweep algorithm of the
+b = bb e^pp, and every exp argument is <= 0 (docs/rwkv4.md §3.2). Its backward is the two-sweep algorithm of the
 official kernel (section 3.4). ``wkv_step`` is one token of it, and RNN-mode inference calls the same function.
 
-Backend contract (shared by this module, backends/numba_wkv.py and kernels/wkv4.cu):
+Backend contract (shared by this module, backends/numba/wkv4.py and kernels/wkv4.cu):
     forward(w, u, k, v, state=None) -> (y, state)   w, u (C,); k, v, y (B, T, C); state = WKVState of (B, C) arrays
     backward(w, u, k, v, y, gy)     -> (gw, gu, gk, gv)   from the zero state; gw, gu (C,) summed over the batch
 gw is the gradient with respect to w; the layer (``wkv_backward``) turns it into the gradient of time_decay.
@@ -31,7 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .xp import array_module as _xp
+from ..backends import WKVBackend
+from ..devices import array_module as _xp
 
 MIN_VALUE = -1e38  # stand-in for log(0) = -inf, as in the official kernels; finite, so (MIN_VALUE + w) stays finite
 
@@ -90,7 +91,7 @@ def wkv_recurrent_forward(w, u, k, v, state: WKVState | None = None):
 
 
 def wkv_recurrent_backward(w, u, k, v, y, gy):
-    """Gradients (gw, gu, gk, gv) of the recurrent form, from the zero initial state (rwkv4-math section 3.4).
+    """Gradients (gw, gu, gk, gv) of the recurrent form, from the zero initial state (docs/rwkv4.md §3.4).
 
     Exact gradients (docs/wkv.md), with D_t the denominator of y_t:
         dL/du   = sum_t g_t e^{u+k_t} (v_t - y_t) / D_t
@@ -263,3 +264,15 @@ def wkv_backward(gy, cache: WKVCache):
     w, u, k, v, y, backend = cache
     gw, gu, gk, gv = backend.backward(w, u, k, v, y, gy)
     return gw * w, gu, gk, gv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference forms as engines' WKVs (minirwkv.backends: "numpy" and "parallel")
+# ---------------------------------------------------------------------------------------------------------------
+
+def recurrent_backend() -> WKVBackend:
+    return WKVBackend("numpy", wkv_recurrent_forward, wkv_recurrent_backward)
+
+
+def parallel_backend() -> WKVBackend:
+    return WKVBackend("parallel", _parallel_backend_forward, _parallel_backend_backward)

@@ -20,61 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 
 import numpy as np
 
-from .backends import get_backend
-from .process import keep_freed_memory
+from minirwkv.backends import get_wkv
+from minirwkv.process import keep_freed_memory
+
+from .common import copy_bandwidth, environment, median_time, print_environment, print_table
 
 WKV_SHAPE = (8, 1024, 512)  # (B, T, C) of the figures in docs/numba.md
 WKV_SHAPE_QUICK = (2, 128, 64)
 COPY_BYTES = 256 * 2**20  # per array: large enough to leave the caches (except a huge shared L3, see docs)
 COPY_BYTES_QUICK = 16 * 2**20
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing and bandwidth
-# ---------------------------------------------------------------------------------------------------------------
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict:
-    """Copy bandwidth in bytes/s, counted as read + write (2 * nbytes per copy, the STREAM convention).
-
-    Two measurements: np.copyto (one thread) and a Numba prange copy on the kernels' threads; the roofline uses the
-    larger, so the kernels are compared with the best the machine showed in this run.
-    """
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    numpy_bw = 2 * nbytes / median_time(lambda: np.copyto(dst, src), repeats)
-    parallel_copy = _parallel_copy()
-    numba_bw = 2 * nbytes / median_time(lambda: parallel_copy(dst, src), repeats)
-    return {"array_bytes": nbytes, "numpy_copyto": numpy_bw, "numba_prange_copy": numba_bw,
-            "roofline": max(numpy_bw, numba_bw)}
-
-
-def _parallel_copy():
-    import numba
-
-    @numba.njit(parallel=True, cache=True)
-    def parallel_copy(dst, src):
-        for i in numba.prange(src.size):
-            dst[i] = src[i]
-
-    return parallel_copy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,10 +74,10 @@ def bench_wkv(args) -> dict:
     print(f"\n== WKV forward/backward, (B, T, C) = ({B}, {T}, {C}) {np.dtype(dtype).name} ==")
 
     t0 = time.perf_counter()
-    numba_times, y_nb, g_nb = _time_backend(get_backend("numba"), inputs, repeats=3 if args.quick else 9, warmup=1)
+    numba_times, y_nb, g_nb = _time_backend(get_wkv("4", "numba"), inputs, repeats=3 if args.quick else 9, warmup=1)
     print(f"numba: warm-up and timing took {time.perf_counter() - t0:.1f} s (the first call compiles or loads the "
           f"cache)")
-    numpy_times, y_np, g_np = _time_backend(get_backend("numpy"), inputs, repeats=1 if args.quick else 3, warmup=0)
+    numpy_times, y_np, g_np = _time_backend(get_wkv("4", "numpy"), inputs, repeats=1 if args.quick else 3, warmup=0)
 
     bw = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
     nbytes = wkv_bytes(B, T, C, np.dtype(dtype).itemsize)
@@ -133,7 +91,7 @@ def bench_wkv(args) -> dict:
     print(f"copy bandwidth ({bw['array_bytes'] // 2**20} MiB arrays, read + write): "
           f"np.copyto {bw['numpy_copyto'] / 1e9:.1f} GB/s, numba prange {bw['numba_prange_copy'] / 1e9:.1f} GB/s; "
           f"roofline uses {bw['roofline'] / 1e9:.1f} GB/s")
-    _print_table(rows, [("op", "op", "{}"), ("numba ms", "numba_ms", "{:.2f}"), ("numpy ms", "numpy_ms", "{:.1f}"),
+    print_table(rows, [("op", "op", "{}"), ("numba ms", "numba_ms", "{:.2f}"), ("numpy ms", "numpy_ms", "{:.1f}"),
                         ("numpy/numba", "speedup", "{:.1f}x"), ("MB moved", "bytes_MB", "{:.3g}"),
                         ("roofline ms", "roofline_ms", "{:.3g}"), ("% roofline", "roofline_pct", "{:.1f}%")])
     maxdiff = {name: float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
@@ -176,27 +134,16 @@ class _MatmulTimer:
         return timed
 
 
-def _train_step(params, m, v, t, idx, targets, impl, ops=None):
-    """One training step: forward, backward, AdamW (the fused Numba update, in place). -> loss.
+def _train_step(model, params, opt, idx, targets):
+    """One training step as the trainer takes it: forward, backward (``model.loss_and_grads``), the library's AdamW
+    with the engine's update (minirwkv.optim). -> (loss, params, opt)."""
+    from minirwkv import optim
 
-    With ``ops`` (an instrumented namespace) the step goes through model_forward / model_backward directly, the
-    three lines of ``loss_and_grads``; otherwise through the public ``loss_and_grads``.
-    """
-    from . import model, ops as reference_ops
-    from .backends.numba_ops import adamw_update
-    from .optim import decays
-
-    if ops is None:
-        loss, grads = model.loss_and_grads(params, idx, targets, impl=impl)
-    else:
-        logits, cache, _ = model.model_forward(params, idx, model._backend_for(params, impl), ops=ops)
-        loss, c_ce = reference_ops.cross_entropy_forward(logits, targets)
-        grads = model.model_backward(reference_ops.cross_entropy_backward(c_ce), cache)
     h = ADAMW
-    for name, p in params.items():
-        adamw_update(p, grads[name], m[name], v[name], h["lr"], h["beta1"], h["beta2"], h["eps"],
-                     h["weight_decay"] if decays(p.shape) else 0.0, 1 - h["beta1"] ** t, 1 - h["beta2"] ** t)
-    return loss
+    loss, grads = model.loss_and_grads(params, idx, targets)
+    params, opt = optim.adamw_step(params, grads, opt, h["lr"], (h["beta1"], h["beta2"]), h["eps"],
+                                   h["weight_decay"], fused=model.engine.adamw_update is not None)
+    return loss, params, opt
 
 
 def matmul_flops(n: int, repeats: int = 3) -> float:
@@ -207,9 +154,11 @@ def matmul_flops(n: int, repeats: int = 3) -> float:
 
 
 def bench_step(args) -> dict:
-    from . import model
-    from .backends.ops_registry import get_ops
-    from .config import ModelConfig
+    import dataclasses
+
+    from minirwkv import optim
+    from minirwkv.api import init_params, model_for
+    from minirwkv.config import ModelConfig
 
     config_kwargs = STEP_CONFIG_QUICK if args.quick else STEP_CONFIG
     cfg = ModelConfig(**config_kwargs)
@@ -217,25 +166,25 @@ def bench_step(args) -> dict:
     impl = "numba"
     print(f"\n== training step: V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} F={cfg.dim_ffn}, B={B} T={T} "
           f"float32, impl={impl}, AdamW (fused Numba update) ==")
-    params = model.init_params(cfg, seed=0, dtype=np.float32)
-    m = {k: np.zeros_like(p) for k, p in params.items()}
-    v = {k: np.zeros_like(p) for k, p in params.items()}
+    params = init_params(cfg, seed=0, dtype=np.float32)
+    model = model_for(params, impl)  # validated once, as the trainer does
+    state = {"params": params, "opt": optim.adamw_init(params)}
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (B, T + 1))
     idx, targets = tokens[:, :-1], tokens[:, 1:]
-    steps = [0]
 
-    def step(ops=None):
-        steps[0] += 1
-        return _train_step(params, m, v, steps[0], idx, targets, impl, ops)
+    def step(on=model):
+        loss, state["params"], state["opt"] = _train_step(on, state["params"], state["opt"], idx, targets)
+        return loss
 
     repeats = 2 if args.quick else 5
     t0 = time.perf_counter()
     step()  # compiles (or loads) every kernel
     print(f"first step (compiles or loads the Numba cache): {time.perf_counter() - t0:.1f} s")
     t_step = median_time(step, repeats, warmup=1)
-    timer = _MatmulTimer(get_ops(impl))
-    t_instrumented = median_time(lambda: step(timer.namespace), repeats, warmup=0)
+    timer = _MatmulTimer(model.engine.ops)
+    timed = dataclasses.replace(model, engine=dataclasses.replace(model.engine, ops=timer.namespace))
+    t_instrumented = median_time(lambda: step(timed), repeats, warmup=0)
     matmul_s, flops = timer.seconds / repeats, timer.flops / repeats
     peak_n = 512 if args.quick else 2048
     peak = matmul_flops(peak_n)
@@ -300,63 +249,6 @@ def bench_hf(cfg, B: int, T: int, repeats: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------------------------
-
-def environment() -> dict:
-    """What the figures depend on: CPU count, Numba's threads, NumPy's BLAS and the OpenBLAS variables."""
-    import numba
-
-    from .backends import numba_wkv
-
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "numpy": np.__version__, "numba": numba.__version__, "numba_threads": numba_wkv.get_threads(),
-           "numba_pool_size": numba.config.NUMBA_NUM_THREADS, "numba_threading_layer": _threading_layer(),
-           "blas": _blas_info()}
-    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        env[name] = os.environ.get(name)  # read only to report them, never to configure anything
-    return env
-
-
-def _threading_layer():
-    import numba
-
-    try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel function has run yet
-        return None
-
-
-def _blas_info() -> list:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        threadpool_info = None
-    if threadpool_info is not None:
-        keys = ("internal_api", "version", "num_threads", "architecture", "threading_layer", "filepath")
-        return [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    try:
-        config = np.show_config(mode="dicts")
-        return [{"internal_api": lib.get("name"), "version": lib.get("version")}
-                for lib in config.get("Build Dependencies", {}).values() if isinstance(lib, dict)]
-    except TypeError:  # numpy < 1.26 prints instead of returning
-        return [{"internal_api": "unknown (install threadpoolctl for details)"}]
-
-
-def _print_environment(env: dict) -> None:
-    print("\n== environment ==")
-    print(f"python {env['python']} ({env['machine']}), {env['cpu_count']} CPUs; numpy {env['numpy']}, "
-          f"numba {env['numba']}")
-    print(f"numba threads: {env['numba_threads']} of a pool of {env['numba_pool_size']} "
-          f"(threading layer: {env['numba_threading_layer'] or 'not started'})")
-    for lib in env["blas"] or [{"internal_api": "none found"}]:
-        details = ", ".join(f"{k} {v}" for k, v in lib.items() if k != "internal_api" and v is not None)
-        print(f"numpy BLAS: {lib.get('internal_api')}" + (f" ({details})" if details else ""))
-    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        print(f"{name}: {env[name] if env[name] is not None else 'not set'}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # float32 accuracy of the WKV (docs/numerics.md): not a speed, but a figure the docs quote
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -366,8 +258,8 @@ def bench_precision(args) -> dict:
     Error per output: max|f32 - f64| / max(max|f64|, the size of the summed terms |g| (1 + |v|)), as the tests'
     ``vs_f64`` tolerance measures it.
     """
-    from . import wkv
-    from .testing import init_like_wkv_inputs
+    from minirwkv.rwkv4 import wkv
+    from minirwkv.testing import init_like_wkv_inputs
 
     def run(x):
         w = x.w.astype(x.k.dtype)
@@ -389,23 +281,13 @@ def bench_precision(args) -> dict:
                 err = float(np.abs(a - e).max()) / max(float(np.abs(e).max()), floor)
                 worst[name] = max(worst[name], err)
         rows.append({"T": T, **worst})
-    _print_table(rows, [("T", "T", "{}")] + [(n, n, "{:.1e}") for n in names])
+    print_table(rows, [("T", "T", "{}")] + [(n, n, "{:.1e}") for n in names])
     return {"rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Table and CLI
 # ---------------------------------------------------------------------------------------------------------------
-
-def _print_table(rows, columns):
-    cells = [[fmt.format(row[key]) for _, key, fmt in columns] for row in rows]
-    widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (title, _, _) in enumerate(columns)]
-    print("  ".join(title.rjust(w) if i else title.ljust(w) for i, ((title, _, _), w) in enumerate(zip(columns,
-                                                                                                         widths))))
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minirwkv.bench", description=__doc__.split("\n")[0])
@@ -435,7 +317,7 @@ def main(argv=None) -> dict:
     keep_freed_memory()  # as the minirwkv command does (minirwkv/process.py)
     blas_limit = contextlib.nullcontext()
     if args.threads is not None:
-        from .backends import numba_wkv
+        from minirwkv.backends.numba import wkv4 as numba_wkv
 
         numba_wkv.set_threads(args.threads)
         try:
@@ -453,7 +335,7 @@ def main(argv=None) -> dict:
         if args.only in ("precision", "all"):
             results["precision"] = bench_precision(args)
         results["environment"] = environment()  # inside the BLAS limit, so its thread count is the one used
-    _print_environment(results["environment"])
+    print_environment(results["environment"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

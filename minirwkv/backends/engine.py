@@ -1,0 +1,73 @@
+"""The engine: one object, resolved once at the edge, that carries everything "how to compute" means.
+
+    engine = make_engine("auto", "cpu")     # Engine(name="numba", device="cpu")
+    engine.xp                               # numpy (cupy on "cuda")
+    engine.ops.layernorm_forward(...)       # the element-wise kernels: minirwkv.layers, some replaced by Numba
+    engine.wkv("4").forward(...)            # the WKV of a generation on this engine
+    engine.adamw_update                     # the fused in-place AdamW update, or None (minirwkv.optim's NumPy form)
+
+Public functions (``minirwkv.forward`` and friends) take ``impl=`` as a name or an Engine and resolve it once; the
+trainer and the runners make one at setup and pass it down. Nothing below the edge re-resolves a name.
+Making an engine compiles nothing: the Numba kernels compile on their first call.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import layers
+from ..devices import module_for_device
+from . import WKVBackend, get_wkv, resolve
+
+_cache: dict[tuple[str, str], "Engine"] = {}
+
+
+class OpsNamespace(types.SimpleNamespace):
+    """The functions of minirwkv.layers by name, some replaced; ``overridden`` says which."""
+
+    def __repr__(self):
+        return f"OpsNamespace(overridden={list(self.overridden)})"
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # numpy, parallel, numba, cupy, cuda-shim (minirwkv.backends)
+    device: str  # cpu or cuda
+    xp: types.ModuleType = field(repr=False)  # the array module: numpy or cupy
+    ops: OpsNamespace = field(repr=False)  # the element-wise forward/backward pairs
+    adamw_update: Callable | None = field(repr=False)  # fused in-place AdamW (backends/numba/ops.py), or None
+
+    def wkv(self, version: str) -> WKVBackend:
+        """The WKV of generation ``version`` on this engine."""
+        return get_wkv(version, self.name)
+
+
+def make_engine(impl="auto", device: str = "cpu") -> Engine:
+    """The Engine called ``impl`` (a name, "auto", or an Engine, returned as it is) for arrays on ``device``."""
+    if isinstance(impl, Engine):
+        if impl.device != device:
+            raise ValueError(f"engine {impl.name!r} computes on {impl.device!r}, the arrays are on {device!r}; "
+                             f"make the engine for {device!r} (make_engine(impl, {device!r}))")
+        return impl
+    name = resolve(impl, device)
+    key = (name, device)
+    if key not in _cache:
+        _cache[key] = _build(name, device)
+    return _cache[key]
+
+
+def _build(name: str, device: str) -> Engine:
+    functions = {f: getattr(layers, f) for f in layers.FUNCTIONS}
+    overridden: tuple = ()
+    adamw = None
+    if name == "numba":
+        from .numba import ops as numba_ops
+
+        overridden = numba_ops.OVERRIDES
+        missing = [f for f in overridden if f not in functions]
+        if missing:  # an override must replace a reference function of the same name
+            raise RuntimeError(f"backends/numba/ops.py overrides functions minirwkv.layers does not have: {missing}")
+        functions.update({f: getattr(numba_ops, f) for f in overridden})
+        adamw = numba_ops.adamw_update
+    return Engine(name, device, module_for_device(device), OpsNamespace(**functions, overridden=overridden), adamw)
