@@ -23,8 +23,8 @@ import numpy as np
 
 from minirwkv.config import ModelConfig
 from minirwkv.generation import get_generation
-from minirwkv.infer import RNNRunner
-from minirwkv.process import tune_for_training
+from minirwkv.engine.infer import RNNRunner
+from minirwkv.engine.process import tune_for_training
 
 from .common import copy_bandwidth, median_time
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from minirwkv.backends import get_wkv
-from minirwkv.process import keep_freed_memory
+from minirwkv.engine.process import keep_freed_memory
 
 from .common import copy_bandwidth, environment, median_time, print_environment, print_table
 

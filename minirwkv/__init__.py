@@ -20,11 +20,11 @@ _moved.install()  # old module paths (minirwkv.model, ...) keep working
 
 from .api import (check_params, config_from_params, forward, init_params, init_state, loss_and_grads,  # noqa: E402
                   prefill, rnn_step)
-from .checkpoint import load_params  # noqa: E402
+from .io.checkpoint import load_params  # noqa: E402
 from .config import ModelConfig  # noqa: E402
-from .generate import generate  # noqa: E402
-from .infer import RNNRunner  # noqa: E402
-from .sampling import SamplingConfig  # noqa: E402
+from .engine.generate import generate  # noqa: E402
+from .engine.infer import RNNRunner  # noqa: E402
+from .engine.sampling import SamplingConfig  # noqa: E402
 from .state import State  # noqa: E402
 
 __all__ = [

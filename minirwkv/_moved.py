@@ -25,6 +25,22 @@ MOVED = {
     "minirwkv.backends.cupy_wkv": "minirwkv.backends.cuda.cupy_wkv4",
     "minirwkv.backends.shim_wkv": "minirwkv.backends.cuda.shim_wkv4",
     "minirwkv.bench_infer": "minirwkv.bench.infer",
+    "minirwkv.train": "minirwkv.engine.train",
+    "minirwkv.optim": "minirwkv.engine.optim",
+    "minirwkv.data": "minirwkv.engine.data",
+    "minirwkv.infer": "minirwkv.engine.infer",
+    "minirwkv.generate": "minirwkv.engine.generate",
+    "minirwkv.sampling": "minirwkv.engine.sampling",
+    "minirwkv.distributed": "minirwkv.engine.distributed",
+    "minirwkv.process": "minirwkv.engine.process",
+    "minirwkv.atomic": "minirwkv.io.atomic",
+    "minirwkv.checkpoint": "minirwkv.io.checkpoint",
+    "minirwkv.pth": "minirwkv.io.pth",
+    "minirwkv.tokenizer": "minirwkv.tokenizers.core",
+    "minirwkv.tokenizer_world": "minirwkv.tokenizers.world",
+    "minirwkv.bpe": "minirwkv.tokenizers.bpe",
+    "minirwkv.backends.numba_bpe": "minirwkv.tokenizers.numba_bpe",
+    "minirwkv.plot": "minirwkv.tools.plot",
 }
 
 

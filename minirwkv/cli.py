@@ -18,8 +18,8 @@ import sys
 import tomllib
 
 from .config import TrainConfig, apply_overrides, field_types, parse_overrides
-from .distributed import launched_rank
-from .process import tune_for_training
+from .engine.distributed import launched_rank
+from .engine.process import tune_for_training
 
 COMMANDS = ("train", "sample", "prepare", "plot", "convert", "bench")
 
@@ -93,7 +93,7 @@ def cmd_train(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(train_help())
         return 0
-    from .train import NonFiniteLoss, train
+    from .engine.train import NonFiniteLoss, train
 
     config = train_config(argv)
     try:
@@ -110,8 +110,8 @@ def cmd_train(argv: list[str]) -> int:
           f"{result.elapsed:.0f} s; checkpoints in {result.out_dir}")
     if config.sample_tokens > 0:
         print(f"--- sample ({config.sample_tokens} tokens, temperature 0.8) ---")
-        from .generate import generate
-        from .train import to_numpy
+        from .engine.generate import generate
+        from .engine.train import to_numpy
 
         for piece in generate(to_numpy(result.params), result.tokenizer, "", config.sample_tokens, temperature=0.8,
                               seed=config.seed):
@@ -126,7 +126,7 @@ def cmd_train(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_sample(argv: list[str]) -> int:
-    from .generate import add_sample_arguments, run_sample
+    from .engine.generate import add_sample_arguments, run_sample
 
     parser = argparse.ArgumentParser(prog="minirwkv sample", description="Continue a prompt with a trained model.")
     add_sample_arguments(parser)
@@ -138,7 +138,7 @@ def cmd_sample(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_prepare(argv: list[str]) -> int:
-    from .data import format_stats, prepare
+    from .engine.data import format_stats, prepare
 
     parser = argparse.ArgumentParser(prog="minirwkv prepare",
                                      description="Tokenize a corpus once into memory-mapped train/val token files.")
@@ -157,7 +157,7 @@ def cmd_prepare(argv: list[str]) -> int:
 def cmd_plot(argv: list[str]) -> int:
     from pathlib import Path
 
-    from .plot import plot_log
+    from .tools.plot import plot_log
 
     parser = argparse.ArgumentParser(prog="minirwkv plot", description="Draw loss.png from a run's log.jsonl.")
     parser.add_argument("run", nargs="?", default="out", help="a run folder or its log.jsonl")
@@ -172,7 +172,7 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-    from .checkpoint import main as convert_main
+    from .io.checkpoint import main as convert_main
 
     return convert_main(argv)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minirwkv import cli
-from minirwkv.checkpoint import load_checkpoint, save_checkpoint
+from minirwkv.io.checkpoint import load_checkpoint, save_checkpoint
 from minirwkv.config import TrainConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))

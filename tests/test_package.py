@@ -21,7 +21,7 @@ def test_public_api():
 
 def test_process_settings_are_applied_by_the_command_not_the_library():
     code = ("import minirwkv, numba; before = numba.config.THREADING_LAYER; "
-            "from minirwkv.process import tune_for_training; tune_for_training(); "
+            "from minirwkv.engine.process import tune_for_training; tune_for_training(); "
             "print(before, numba.config.THREADING_LAYER)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
@@ -32,7 +32,7 @@ def test_process_settings_are_applied_by_the_command_not_the_library():
 def test_keep_freed_memory_takes_on_glibc():
     import platform
 
-    from minirwkv.process import keep_freed_memory
+    from minirwkv.engine.process import keep_freed_memory
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
@@ -41,7 +41,7 @@ def test_keep_freed_memory_takes_on_glibc():
 def test_atomic_write_replaces_only_when_complete(tmp_path):
     import pytest
 
-    from minirwkv.atomic import atomic_write
+    from minirwkv.io.atomic import atomic_write
 
     path = tmp_path / "f.txt"
     path.write_text("old")

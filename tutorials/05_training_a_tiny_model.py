@@ -37,12 +37,12 @@ import numpy as np
 import minirwkv
 from minirwkv import optim
 from minirwkv.backends.engine import make_engine
-from minirwkv.checkpoint import load_checkpoint
+from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
-from minirwkv.data import format_stats, get_batch, load_dataset
-from minirwkv.generate import generate_text, load_model
-from minirwkv.plot import read_log
-from minirwkv.train import LAST, blas_threads, to_numpy, train
+from minirwkv.engine.data import format_stats, get_batch, load_dataset
+from minirwkv.engine.generate import generate_text, load_model
+from minirwkv.tools.plot import read_log
+from minirwkv.engine.train import LAST, blas_threads, to_numpy, train
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size

@@ -30,10 +30,10 @@ import time
 import numpy as np
 
 import minirwkv
-from minirwkv.generate import generate_text
-from minirwkv.infer import RNNRunner, load_state, save_state
+from minirwkv.engine.generate import generate_text
+from minirwkv.engine.infer import RNNRunner, load_state, save_state
 from minirwkv.rwkv4.state import LayerState
-from minirwkv.tokenizer import ByteTokenizer
+from minirwkv.tokenizers.core import ByteTokenizer
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size

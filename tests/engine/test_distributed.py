@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from minirwkv import ModelConfig, init_params
-from minirwkv.checkpoint import load_checkpoint
+from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
-from minirwkv.data import get_batch
-from minirwkv.distributed import (INSTALL, MPIWorld, SingleProcess, average_gradients, flat_layout, init_world,
+from minirwkv.engine.data import get_batch
+from minirwkv.engine.distributed import (INSTALL, MPIWorld, SingleProcess, average_gradients, flat_layout, init_world,
                                   on_root, pack, unpack)
 from minirwkv.testing import assert_close
-from minirwkv.train import BEST, LAST, train
+from minirwkv.engine.train import BEST, LAST, train
 
 TEXT = "".join(f"the {a} {b} sat on the mat. " for a in ("cat", "dog", "fox") for b in ("red", "big", "old")) * 12
 
@@ -156,7 +156,7 @@ def test_which_world(monkeypatch):
 
 
 def test_importing_minirwkv_does_not_import_mpi4py():
-    code = ("import sys, minirwkv, minirwkv.train, minirwkv.distributed, minirwkv.cli; "
+    code = ("import sys, minirwkv, minirwkv.engine.train, minirwkv.engine.distributed, minirwkv.cli; "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PMI_SIZE": "2"}, timeout=60)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minirwkv import optim
-from minirwkv.checkpoint import load_checkpoint, save_checkpoint
+from minirwkv.io.checkpoint import load_checkpoint, save_checkpoint
 from minirwkv.config import ModelConfig
 from minirwkv import init_params
 from minirwkv.testing import assert_close

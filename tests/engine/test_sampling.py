@@ -6,7 +6,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from minirwkv.sampling import SamplingConfig, apply_penalties, distribution, filter_mask, make_rng, sample
+from minirwkv.engine.sampling import SamplingConfig, apply_penalties, distribution, filter_mask, make_rng, sample
 
 LOGITS = arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 40)),
                 elements=st.floats(-30, 30, width=32) | st.sampled_from([0.0, 1.0, -1.0]))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import example, given, strategies as st
 
-from minirwkv.bpe import encode_reference, mergeable_ranks
-from minirwkv.tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, bytes_to_unicode,
+from minirwkv.tokenizers.bpe import encode_reference, mergeable_ranks
+from minirwkv.tokenizers.core import (BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, bytes_to_unicode,
                                 find_gpt2_files, get_tokenizer, gpt2_ranks, tokenizer_from_spec)
-from minirwkv.tokenizer_world import HFTokenizer, WorldTokenizer
+from minirwkv.tokenizers.world import HFTokenizer, WorldTokenizer
 
 TRAIN_TEXT = inspect.getsource(textwrap)  # stdlib source: ships with Python
 HELD_OUT = inspect.getsource(json.decoder)

@@ -13,7 +13,7 @@ import numpy as np
 
 from minirwkv import train as train_module
 from minirwkv.config import TrainConfig
-from minirwkv.train import train
+from minirwkv.engine.train import train
 
 saves = []
 real_save_checkpoint = train_module.save_checkpoint

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .devices import is_cupy, to_numpy
+from ..devices import is_cupy, to_numpy
 
 MODES = ("auto", "off", "mpi")
 # the per-process variables that MPI launchers set: the number of processes started

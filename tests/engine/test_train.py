@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from minirwkv import train as train_module
-from minirwkv.checkpoint import load_checkpoint
+from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
-from minirwkv.train import LAST, NonFiniteLoss, train
+from minirwkv.engine.train import LAST, NonFiniteLoss, train
 
 TEXT = "".join(f"the {a} {b} sat on the mat. " for a in ("cat", "dog", "fox") for b in ("red", "big", "old")) * 12
 

@@ -330,7 +330,7 @@ def get_tokenizer(name: str, corpus_text: str | None = None, **options) -> Token
         return GPT2Tokenizer(path=options.get("path"))
     if options.get("path") is None:
         raise ValueError(f"the {name!r} tokenizer reads the official vocabulary file: pass path= (--tokenizer_path)")
-    from .tokenizer_world import HFTokenizer, WorldTokenizer
+    from .world import HFTokenizer, WorldTokenizer
 
     return (WorldTokenizer if name == "world" else HFTokenizer)(options["path"])
 
@@ -354,7 +354,7 @@ def tokenizer_from_spec(spec: dict, path=None) -> Tokenizer:
     elif name == "gpt2":
         tokenizer = GPT2Tokenizer(path=path)
     else:
-        from .tokenizer_world import HFTokenizer, WorldTokenizer
+        from .world import HFTokenizer, WorldTokenizer
 
         cls = WorldTokenizer if name == "world" else HFTokenizer
         tokenizer = cls(path if path is not None else spec["path"], expected_sha256=spec["sha256"])

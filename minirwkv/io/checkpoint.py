@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .atomic import atomic_write
-from .config import ModelConfig
-from .api import check_params
+from ..config import ModelConfig
+from ..api import check_params
 from .pth import PthTensor, ZipArrays, read_pth, write_aligned_entry
 
 FORMAT = "minirwkv-checkpoint"

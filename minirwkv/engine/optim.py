@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .devices import array_module as _xp
-from .devices import to_numpy
+from ..devices import array_module as _xp
+from ..devices import to_numpy
 
 # v4neo model.py configure_optimizers, layerwise_lr = 1 (my_pile_stage != 2): the decay speeds learn faster
 LR_MULTIPLIERS = {"time_decay": 2.0, "time_first": 3.0}
@@ -73,7 +73,7 @@ def adamw_step(params: dict, grads: dict, state: AdamWState, lr: float, betas=(0
     bias2_sqrt = math.sqrt(1 - b2 ** t)
     new_params, new_m, new_v = {}, {}, {}
     if fused:
-        from .backends.numba.ops import adamw_update
+        from ..backends.numba.ops import adamw_update
 
     for name, p in params.items():
         g = grads[name]

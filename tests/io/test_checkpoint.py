@@ -9,12 +9,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from minirwkv.checkpoint import Checkpoint, convert, load_checkpoint, load_params, main, save_checkpoint
+from minirwkv.io.checkpoint import Checkpoint, convert, load_checkpoint, load_params, main, save_checkpoint
 from minirwkv.config import ModelConfig
 from minirwkv.rwkv4.model import param_shapes
-from minirwkv.pth import load_pth, save_pth
+from minirwkv.io.pth import load_pth, save_pth
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 TINY = ModelConfig(vocab_size=11, n_embd=8, n_layer=2, dim_ffn=32)
 
 

@@ -75,7 +75,7 @@ def train_bpe(text: str, vocab_size: int, pattern: str = GPT4_PATTERN, impl: str
     n_merges = vocab_size - 256
     if impl == "python":
         return train_merges_reference(chunks, freqs, n_merges)
-    from .backends.numba_bpe import train_merges
+    from .numba_bpe import train_merges
 
     return train_merges(chunks, freqs, n_merges)
 

@@ -12,9 +12,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from minirwkv.pth import ForbiddenGlobalError, PthTensor, Storage, load_pth, read_pth, save_pth
+from minirwkv.io.pth import ForbiddenGlobalError, PthTensor, Storage, load_pth, read_pth, save_pth
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import layers as ops
-from .atomic import atomic_write
-from .api import check_params, check_state, check_tokens, init_state, prefill, rnn_step
-from .rwkv4.state import LayerState
-from .state import State
-from .devices import array_module, to_numpy
+from .. import layers as ops
+from ..io.atomic import atomic_write
+from ..api import check_params, check_state, check_tokens, init_state, prefill, rnn_step
+from ..rwkv4.state import LayerState
+from ..state import State
+from ..devices import array_module, to_numpy
 
 DEFAULT_CHUNK = 256  # tokens per prefill block: activations (B, 256, 4C) stay small; long enough to batch products
 
@@ -298,7 +298,7 @@ class RNNRunner(_Runner):
 
 
 def _load_kernels():
-    from .backends.numba import infer4 as numba_infer
+    from ..backends.numba import infer4 as numba_infer
 
     return numba_infer
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .infer import DEFAULT_CHUNK, ReferenceRunner, RNNRunner, broadcast_state, load_state, save_state
 from .sampling import SamplingConfig, make_rng, sample
-from .devices import is_cupy
+from ..devices import is_cupy
 
 REPLACEMENT = "\ufffd"  # what decode shows for bytes that are not (yet) a whole UTF-8 character
 
@@ -276,9 +276,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser):
 
 def load_model(path, tokenizer_name=None, tokenizer_path=None):
     """(params float32, tokenizer) from a minirwkv checkpoint (tokenizer from its meta) or an official .pth."""
-    from .checkpoint import load_checkpoint, load_params
-    from .api import check_params
-    from .tokenizer import get_tokenizer, tokenizer_from_spec
+    from ..io.checkpoint import load_checkpoint, load_params
+    from ..api import check_params
+    from ..tokenizers.core import get_tokenizer, tokenizer_from_spec
 
     spec = None
     if _is_minirwkv_checkpoint(path):

@@ -9,10 +9,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minirwkv import ModelConfig, init_params, prefill, rnn_step
-from minirwkv.generate import (Detokenizer, StopFilter, add_sample_arguments, generate, generate_text,
+from minirwkv.engine.generate import (Detokenizer, StopFilter, add_sample_arguments, generate, generate_text,
                                run_sample)
 from minirwkv.testing import assert_close
-from minirwkv.tokenizer import ByteTokenizer
+from minirwkv.tokenizers.core import ByteTokenizer
 
 CONFIG = ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16)
 TOK = ByteTokenizer()
@@ -111,7 +111,7 @@ def test_max_new_tokens_bounds_the_output():
 
 
 def test_continuing_a_saved_state_equals_the_whole_prompt():
-    from minirwkv.infer import RNNRunner
+    from minirwkv.engine.infer import RNNRunner
 
     runner = RNNRunner(PARAMS)
     logits = runner.prefill([TOK.encode("Once upon")])
@@ -145,7 +145,7 @@ def _args(*argv):
 
 
 def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys):
-    from minirwkv.checkpoint import save_checkpoint
+    from minirwkv.io.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "tiny.ckpt"
     save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
@@ -163,7 +163,7 @@ def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys):
 def test_sample_command_errors_are_clear(tmp_path, capsys):
     from pathlib import Path
 
-    pth = Path(__file__).parent / "fixtures" / "rwkv4_tiny_fp32.pth"
+    pth = Path(__file__).parents[1] / "fixtures" / "rwkv4_tiny_fp32.pth"
     if pth.exists():
         assert run_sample(_args("--checkpoint", str(pth), "--max-new-tokens", "3")) == 1
         assert "--tokenizer" in capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_sample_command_errors_are_clear(tmp_path, capsys):
 def test_reference_runner_samples_what_the_fast_runner_samples():
     """ReferenceRunner (the library's prefill / rnn_step, which also run on CuPy arrays) and RNNRunner give the same
     greedy continuation and the same logits, prompts of different lengths in one batch."""
-    from minirwkv.infer import ReferenceRunner, RNNRunner
+    from minirwkv.engine.infer import ReferenceRunner, RNNRunner
 
     prompts = ["ab", "hello there", "x"]
     fast = generate_text(PARAMS, TOK, prompts, 12, temperature=0.0, runner=RNNRunner(PARAMS, len(prompts)))
@@ -196,7 +196,7 @@ def test_sample_on_cuda_without_a_gpu_fails_clearly(tmp_path, capsys):
         pytest.skip("CuPy is installed: the error path cannot be reached")
     except ImportError:
         pass
-    from minirwkv.checkpoint import save_checkpoint
+    from minirwkv.io.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "m.ckpt"
     save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})

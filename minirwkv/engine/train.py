@@ -27,17 +27,17 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import optim
-from .atomic import atomic_write
-from .backends.engine import make_engine
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from ..io.atomic import atomic_write
+from ..backends.engine import make_engine
+from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..config import TrainConfig
 from .data import check_split, get_batch, load_dataset, shard_rows
 from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
                           init_world, on_root, threads_per_rank)
-from .api import config_from_params, forward, init_params, loss_and_grads
-from .layers import cross_entropy_forward
-from .tokenizer import tokenizer_from_spec
-from .devices import to_numpy as _to_numpy
+from ..api import config_from_params, forward, init_params, loss_and_grads
+from ..layers import cross_entropy_forward
+from ..tokenizers.core import tokenizer_from_spec
+from ..devices import to_numpy as _to_numpy
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 
@@ -321,7 +321,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
         log.close()
 
     if config.plot and not interrupted and root:
-        from .plot import PlotUnavailable, plot_log
+        from ..tools.plot import PlotUnavailable, plot_log
 
         try:
             echo(f"loss curve: {plot_log(out / 'log.jsonl')}")

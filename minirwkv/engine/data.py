@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .atomic import atomic_write
-from .tokenizer import get_tokenizer, tokenizer_from_spec
+from ..io.atomic import atomic_write
+from ..tokenizers.core import get_tokenizer, tokenizer_from_spec
 
 STDLIB_MAX_CHARS = 2_000_000
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -1,0 +1,1 @@
+"""Tools around a run: plot.py (the loss curve of a run's log.jsonl)."""
