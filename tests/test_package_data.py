@@ -23,7 +23,7 @@ def wheel(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "build", "*.egg-info")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("minirwkv", "kernels"):
+    for name in ("minirwkv", "kernels", "bench"):  # every folder pyproject maps into the package
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     out = tmp_path_factory.mktemp("dist")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
@@ -43,6 +43,9 @@ def test_kernel_sources_are_in_the_wheel(wheel):
             member = f"minirwkv/kernels/{name}"
             assert member in names, f"{member} is missing from the wheel; see [tool.setuptools.package-data]"
             assert z.read(member) == (ROOT / "kernels" / name).read_bytes(), f"{member} differs from kernels/{name}"
+        for package in ("minirwkv/layers", "minirwkv/rwkv4", "minirwkv/engine", "minirwkv/io", "minirwkv/tokenizers",
+                        "minirwkv/tools", "minirwkv/backends/numba", "minirwkv/backends/cuda", "minirwkv/bench"):
+            assert f"{package}/__init__.py" in names, f"{package} is missing from the wheel; see [tool.setuptools]"
 
 
 def test_installed_package_reads_the_kernel(wheel, tmp_path):
