@@ -10,7 +10,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-pytest.importorskip("numba")
 
 import minirwkv  # noqa: E402
 from minirwkv import layers as ops  # noqa: E402

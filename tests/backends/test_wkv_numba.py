@@ -7,7 +7,6 @@ outputs on extreme inputs; y inside the range of the values seen so far (a conve
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
 
 from minirwkv.backends.numba import wkv4 as numba_wkv  # noqa: E402
 from minirwkv.testing import WKVInputs, assert_close, make_wkv_inputs  # noqa: E402

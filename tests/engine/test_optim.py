@@ -123,7 +123,6 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_step_is_bit_identical_to_the_reference(dtype):
-    pytest.importorskip("numba")
     rng = np.random.default_rng(0)
     params = {"blocks.0.att.key.weight": rng.normal(size=(4, 3)).astype(dtype),
               "blocks.0.att.time_decay": rng.normal(size=3).astype(dtype)}

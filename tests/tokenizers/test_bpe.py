@@ -7,7 +7,6 @@ from hypothesis import example, given, strategies as st
 
 from minirwkv.tokenizers.bpe import merge_pair, mergeable_ranks, split_chunks, token_bytes, train_bpe, train_merges_reference
 
-pytest.importorskip("numba")
 from minirwkv.tokenizers.numba_bpe import train_merges  # noqa: E402
 
 # Text that ships with Python: the source of a stdlib module (the tests never need a data file).
