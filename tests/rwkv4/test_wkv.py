@@ -119,26 +119,44 @@ def test_state_carried_across_chunks_equals_whole(dtype):
     check()
 
 
-def test_wkv_step_is_the_recurrent_form():
-    x = make_wkv_inputs(2, 4, 3, seed=5)
-    y, _ = wkv.wkv_recurrent_forward(x.w, x.time_first, x.k, x.v)
+def naive_wkv(w, u, k, v):
+    """The defining sum, evaluated directly in float64 (no log-scale): moderate inputs only. (B, T, C) -> (B, T, C)."""
+    B, T, C = k.shape
+    y = np.empty_like(v)
+    for t in range(T):
+        past = np.exp((t - 1 - np.arange(t))[None, :, None] * w + k[:, :t])  # (B, t, C) e^{(t-1-i) w + k_i}
+        now = np.exp(u + k[:, t])  # (B, C) e^{u + k_t}
+        y[:, t] = ((past * v[:, :t]).sum(axis=1) + now * v[:, t]) / (past.sum(axis=1) + now)
+    return y
+
+
+def test_wkv_step_from_a_carried_state_equals_the_defining_sum():
+    """wkv_step, started from the (aa, bb, pp) of a prefix and stepped on, gives the defining sum over the whole
+    sequence: the state update (decay once, then add the token) and the output (bonus u on the current token only)
+    are both checked against the formula, not against the loop that calls wkv_step."""
+    x = make_wkv_inputs(2, 6, 3, seed=5, k_scale=2.0)
+    expected = naive_wkv(x.w, x.time_first, x.k, x.v)
     aa, bb, pp = wkv.zero_state(2, 3, np.float64)
-    for t in range(4):
+    for t in range(6):
         yt, aa, bb, pp = wkv.wkv_step(x.w, x.time_first, x.k[:, t], x.v[:, t], aa, bb, pp)
-        np.testing.assert_array_equal(yt, y[:, t])
+        assert_close(yt, expected[:, t], np.float64, what=f"y at t={t}")
+    # the state is (a, b) = sum_{i<=T-1} e^{(T-1-i) w + k_i} (v_i, 1) scaled by e^{-pp}
+    decay = np.exp((5 - np.arange(6))[None, :, None] * x.w + x.k)  # (B, T, C)
+    assert_close(aa * np.exp(pp), (decay * x.v).sum(axis=1), np.float64, what="numerator a")
+    assert_close(bb * np.exp(pp), decay.sum(axis=1), np.float64, what="denominator b")
 
 
-def test_naive_recurrence_overflows_where_stable_does_not():
-    """Why the stable form exists: e^k overflows float32 above ~88.7."""
-    x = make_wkv_inputs(1, 3, 2, seed=0).astype(np.float32)
-    x.k[...] = 95.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        a = np.exp(x.k[:, 0]) * x.v[:, 0]
-        b = np.exp(x.k[:, 0])
-        naive = a / b
-    assert not np.isfinite(naive).all()
-    y, _ = wkv.wkv_recurrent_forward(x.w.astype(np.float32), x.time_first, x.k, x.v)
-    assert np.isfinite(y).all()
+@pytest.mark.parametrize("k", [100.0, -100.0, 95.0])
+def test_stable_recurrence_in_float32_at_extreme_keys_equals_float64(k):
+    """At |k| = 100, e^k overflows (or underflows to 0 in) float32; the stable recurrence must stay finite and agree
+    with the float64 parallel form (log-weights with the row maximum subtracted)."""
+    x = make_wkv_inputs(2, 7, 4, seed=0)
+    x.k[:, ::2] = k  # every other token extreme, the rest moderate
+    x32 = x.astype(np.float32)
+    y32, _ = wkv.wkv_recurrent_forward(x32.w.astype(np.float32), x32.time_first, x32.k, x32.v)
+    y64, _, _ = wkv.wkv_parallel_forward(x.w, x.time_first, x.k, x.v)
+    assert np.isfinite(y32).all()
+    assert_close(y32, y64, np.float32, kind="vs_f64", what=f"y at k = {k}")
 
 
 def test_parallel_form_refuses_a_carried_state():
