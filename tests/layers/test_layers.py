@@ -138,3 +138,84 @@ def test_l2wrap_is_the_gradient_of_its_penalty(rng):
         return np.array(factor / (2 * B * T) * (logits.max(-1) ** 2).sum())
 
     check("dlogits", ops.l2wrap_backward(logits, factor), penalty, logits, np.array(1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One body for every engine: each element-wise pair an engine computes (the reference layers, or the Numba kernels
+# that replace some of them) equals the reference, and its backward equals central differences of its forward
+# ---------------------------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from minirwkv.backends.engine import make_engine  # noqa: E402
+
+ENGINES = ["numpy", "numba"]
+
+
+def _op_cases(ops, rng, B, T, C, scale, dtype=np.float64):
+    """(name, forward() -> output, backward(dy) -> {input name: grad}, {input name: array}) for every pair, on
+    inputs of ``dtype`` drawn from ``rng`` (the same seed gives the same values for every engine)."""
+    x = (rng.normal(size=(B, T, C)) * scale).astype(dtype)
+    x_prev = rng.normal(size=(B, C)).astype(dtype)
+    w, b = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
+    mixes = tuple(rng.uniform(0, 1, (1, 1, C)).astype(dtype) for _ in range(3))
+    W = rng.normal(size=(C + 2, C)).astype(dtype)
+    r, y = (rng.normal(size=(B, T, C)) * scale).astype(dtype), rng.normal(size=(B, T, C)).astype(dtype)
+
+    def shift_mix():
+        outs, _ = ops.token_shift_mix_forward(x, x_prev, mixes)
+        return np.stack(outs)  # (3, B, T, C)
+
+    def shift_mix_back(dy):
+        _, caches = ops.token_shift_mix_forward(x, x_prev, mixes)
+        dx, dmixes = ops.token_shift_mix_backward(tuple(dy), caches)
+        return {"x": dx, **{f"mix{j}": d for j, d in enumerate(dmixes)}}
+
+    return [
+        ("layernorm", lambda: ops.layernorm_forward(x, w, b)[0],
+         lambda dy: dict(zip(("x", "w", "b"), ops.layernorm_backward(dy, ops.layernorm_forward(x, w, b)[1]))),
+         {"x": x, "w": w, "b": b}),
+        ("linear", lambda: ops.linear_forward(x, W)[0],
+         lambda dy: dict(zip(("x", "W"), ops.linear_backward(dy, ops.linear_forward(x, W)[1]))), {"x": x, "W": W}),
+        ("token_shift_mix", shift_mix, shift_mix_back, {"x": x, **{f"mix{j}": m for j, m in enumerate(mixes)}}),
+        ("gate", lambda: ops.gate_forward(r, y)[0],
+         lambda dy: dict(zip(("r", "y"), ops.gate_backward(dy, ops.gate_forward(r, y)[1]))), {"r": r, "y": y}),
+        ("relu_square", lambda: ops.relu_square_forward(x)[0],
+         lambda dy: {"x": ops.relu_square_backward(dy, ops.relu_square_forward(x)[1])}, {"x": x}),
+    ]
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+@settings(max_examples=15)
+@given(B=st.integers(1, 2), T=st.integers(1, 5), C=st.integers(1, 9), scale=st.sampled_from([0.1, 1.0, 30.0]),
+       seed=st.integers(0, 2**16))
+def test_engine_op_backward_equals_finite_differences(engine_name, B, T, C, scale, seed):
+    ops = make_engine(engine_name).ops
+    for name, forward, backward, inputs in _op_cases(ops, np.random.default_rng(seed), B, T, C, scale):
+        out = forward()
+        dy = np.random.default_rng(seed + 1).normal(size=out.shape)
+        grads = backward(dy)
+        for arg, a in inputs.items():
+            numeric = numerical_gradient(lambda: (forward() * dy).sum(), a)
+            assert_close(grads[arg], numeric, np.float64, kind="finite_diff", what=f"{engine_name} {name} d{arg}",
+                         scale=max(1.0, float(np.abs(numeric).max())))
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(B=st.integers(1, 3), T=st.integers(1, 9), C=st.integers(1, 17), scale=st.sampled_from([0.1, 1.0, 100.0]),
+       seed=st.integers(0, 2**16))
+def test_engine_ops_equal_the_reference_layers(engine_name, dtype, B, T, C, scale, seed):
+    """Forward and backward of every pair on the engine equal minirwkv.layers' within the dtype's tolerance."""
+    got = _op_cases(make_engine(engine_name).ops, np.random.default_rng(seed), B, T, C, scale, dtype)
+    ref = _op_cases(ops, np.random.default_rng(seed), B, T, C, scale, dtype)
+    for (name, forward, backward, _), (_, forward_ref, backward_ref, _) in zip(got, ref):
+        out, out_ref = forward(), forward_ref()
+        assert out.dtype == dtype, f"{engine_name} {name}: dtype {out.dtype}"
+        assert_close(out, out_ref, dtype, what=f"{engine_name} {name} forward")
+        dy = np.random.default_rng(seed + 1).normal(size=out.shape).astype(dtype)
+        expected = backward_ref(dy)
+        for arg, g in backward(dy).items():
+            assert g.dtype == dtype, f"{engine_name} {name} d{arg}: dtype {g.dtype}"
+            assert_close(g, expected[arg], dtype, what=f"{engine_name} {name} d{arg}",
+                         scale=max(1.0, float(np.abs(expected[arg]).max())))
