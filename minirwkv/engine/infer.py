@@ -36,13 +36,14 @@ The per-block path (``_run``), one line per operation; the element-wise groups a
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import layers as ops
-from ..io.atomic import atomic_write
-from ..api import check_params, check_state, check_tokens, init_state, prefill, rnn_step
+from ..io.atomic import atomic_write, remove_orphan_temps
+from ..api import check_params, check_state, check_tokens, init_state, model_for
 from ..rwkv4.state import LayerState
 from ..state import State
 from ..devices import array_module, to_numpy
@@ -318,6 +319,7 @@ def save_state(path, state: State, logits=None) -> None:
     if logits is not None:
         arrays["logits"] = to_numpy(logits)
     arrays["format"] = np.array(STATE_FORMAT)
+    remove_orphan_temps(os.path.dirname(os.path.abspath(path)))  # what an earlier, killed save left behind
     with atomic_write(path) as f:  # a reader never sees half a file; a failed write keeps the old one
         np.savez(f, **arrays)
 
@@ -354,10 +356,11 @@ class ReferenceRunner(_Runner):
 
     def __init__(self, params: dict, batch_size: int = 1, impl: str = "auto"):
         self.params = params
-        self.config = check_params(params)
+        self.model = model_for(params, impl)  # checked once here; the per-token calls below check nothing
+        self.config = self.model.config
         self.dtype = np.dtype(params["emb.weight"].dtype)
         self.impl = impl
-        self._xp = array_module(params["emb.weight"])
+        self._xp = self.model.engine.xp
         self.resize(batch_size)
 
     def resize(self, batch_size: int):
@@ -366,26 +369,38 @@ class ReferenceRunner(_Runner):
         self.reset()
 
     def set_state(self, state: State):
-        check_state(state, self.params, self._B)
+        check_state(state, self.model, self._B)
         xp = self._xp
         self.state = State(tuple(LayerState(*(xp.array(a, dtype=self.dtype) for a in s)) for s in state.layers))
 
     def step(self, tokens) -> np.ndarray:
-        """tokens (B,) int -> logits (B, V) on the host; the state advanced (rnn_step)."""
-        logits, self.state = rnn_step(self.params, self._xp.asarray(np.asarray(tokens)), self.state)
+        """tokens (B,) int -> logits (B, V) on the host; the state advanced (the model's RNN step)."""
+        tokens = np.asarray(tokens)
+        check_tokens(tokens, self.config.vocab_size, np, name="tokens", ndim=1)
+        if tokens.shape[0] != self._B:
+            raise ValueError(f"tokens has {tokens.shape[0]} entries, the runner's batch size is {self._B}; "
+                             f"use runner.resize(n) to change it")
+        logits, self.state = self.model.step(self.params, self._xp.asarray(tokens), self.state)
+        if not bool(self._xp.isfinite(logits).all()):
+            raise FloatingPointError("ReferenceRunner produced non-finite logits: the parameters or the state "
+                                     "contain NaN/inf")
         return to_numpy(logits)
 
     def prefill(self, prompts, rows=None) -> np.ndarray:
-        """Each row's prompt in one parallel pass from its row's state (minirwkv.prefill). -> logits (n, V)."""
+        """Each row's prompt in one parallel pass from its row's state (the model's forward). -> logits (n, V)."""
         xp = self._xp
         prompts = [np.asarray(p) for p in (list(prompts) if not isinstance(prompts, np.ndarray) else prompts)]
         rows = list(range(self._B)) if rows is None else [int(r) for r in rows]
         if len(rows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows: give one prompt per row")
+        if any(not 0 <= r < self._B for r in rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"rows must be distinct indices in [0, {self._B}), got {rows}")
+        for i, p in enumerate(prompts):
+            check_tokens(p, self.config.vocab_size, np, name=f"prompts[{i}]", ndim=1)
         out = np.empty((len(prompts), self.config.vocab_size), self.dtype)  # (n, V)
         for i, (row, ids) in enumerate(zip(rows, prompts)):
             mine = State(tuple(LayerState(*(a[row:row + 1] for a in s)) for s in self.state.layers))
-            logits, mine = prefill(self.params, xp.asarray(ids[None]), state=mine, impl=self.impl)  # (1, T, V)
+            logits, _, mine = self.model.forward(self.params, xp.asarray(ids[None]), mine)  # (1, T, V)
             out[i] = to_numpy(logits[0, -1])
             for layer, new in zip(self.state.layers, mine.layers):
                 for a, b in zip(layer, new):

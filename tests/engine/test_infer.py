@@ -153,7 +153,11 @@ def test_ln0_fold_is_exact():
 
 
 def test_saved_state_continues_identically(tmp_path):
-    """One prompt's state saved, restored, and reused for several continuations: identical to continuing at once."""
+    """One prompt's state saved, restored, and reused for several continuations.
+
+    The promise (docs/inference.md): the same call shapes give the same bits (a restored batch-1 runner repeats a
+    batch-1 runner exactly); a different batch size runs other BLAS kernels (matrix-vector vs matrix-matrix, other
+    blockings), so batch-3 rows agree with batch-1 runs within the dtype's tolerance, not bit for bit."""
     params = PARAMS[np.float32]
     rng = np.random.default_rng(5)
     prompt, cont = rng.integers(0, CONFIG.vocab_size, 6), rng.integers(0, CONFIG.vocab_size, (3, 4))
@@ -163,17 +167,104 @@ def test_saved_state_continues_identically(tmp_path):
     direct = [runner.step(cont[0, t:t + 1]) for t in range(4)]
 
     state, saved_logits = load_state(tmp_path / "prompt.npz")
-    np.testing.assert_array_equal(saved_logits, logits)
+    np.testing.assert_array_equal(saved_logits, logits)  # the file keeps the bits
+    restored = RNNRunner(params, batch_size=1)
+    restored.set_state(state)
+    for t in range(4):  # same shapes, same kernels: the same bits
+        np.testing.assert_array_equal(restored.step(cont[0, t:t + 1]), direct[t])
     many = RNNRunner(params, batch_size=3)
     many.set_state(broadcast_state(state, 3))
     again = [many.step(cont[:, t]) for t in range(4)]
-    for t in range(4):
-        np.testing.assert_array_equal(again[t][0], direct[t][0])  # same computation, same bits
+    for row in range(3):
         ref = RNNRunner(params, batch_size=1)
         ref.set_state(state)
-        for u in range(t + 1):
-            want = ref.step(cont[1, u:u + 1])
-        np.testing.assert_array_equal(again[t][1], want[0])
+        for t in range(4):
+            want = ref.step(cont[row, t:t + 1])
+            assert_close(again[t][row], want[0], np.float32, "same", what=f"batch-3 row {row} at t={t}")
+
+
+def test_prefill_of_permuted_rows_writes_each_row(tmp_path):
+    """All rows given in another order ([2, 0, 1]) is not the in-order case: prompt i continues row rows[i]."""
+    params = PARAMS[np.float64]
+    rng = np.random.default_rng(6)
+    first = rng.integers(0, CONFIG.vocab_size, (3, 4))
+    prompts = [rng.integers(0, CONFIG.vocab_size, 3) for _ in range(3)]
+    rows = [2, 0, 1]
+    runner = RNNRunner(params, batch_size=3)
+    runner.prefill(first)  # rows start from different states, so a mix-up shows in the logits too
+    got = runner.prefill(prompts, rows=rows)
+    state = runner.get_state()
+    for i, row in enumerate(rows):
+        logits, want = prefill(params, np.concatenate([first[row], prompts[i]])[None], impl="numpy")
+        assert_close(got[i], logits[0, -1], np.float64, "same", what=f"logits of prompt {i} (row {row})")
+        for mine, ref in zip(state.layers, want.layers):
+            for name, a, b in zip(mine._fields, mine, ref):
+                assert_close(a[row:row + 1], b, np.float64, "same", what=f"row {row} state {name}")
+
+
+def test_failed_state_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """save_state writes atomically: a write that fails half-way (disk full) leaves the old file and no temp."""
+    params = PARAMS[np.float32]
+    runner = RNNRunner(params)
+    path = tmp_path / "state.npz"
+    save_state(path, runner.get_state())
+    before = path.read_bytes()
+    runner.step(np.array([3]))
+
+    def disk_full(file, **arrays):
+        file.write(b"PK half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_state(path, runner.get_state())
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]
+
+
+def test_save_state_removes_orphan_temps(tmp_path):
+    """A killed earlier write left its temporary file (a dead writer's pid): the next save in that folder removes
+    it; a file of another name pattern stays."""
+    from minirwkv.io.atomic import temp_name
+
+    dead = _dead_pid()
+    orphan = tmp_path / temp_name("state.npz", pid=dead)
+    orphan.write_bytes(b"half")
+    foreign = tmp_path / ".state.npz.tmp"
+    foreign.write_bytes(b"mine")
+    save_state(tmp_path / "state.npz", RNNRunner(PARAMS[np.float32]).get_state())
+    assert not orphan.exists() and foreign.exists()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a child, waited for)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_reference_runner_checks_once_at_setup(monkeypatch):
+    """ReferenceRunner validates the parameters when it is made and calls the unchecked Model per token: with the
+    parameter check broken after setup, step and prefill still run (and equal RNNRunner within tolerance)."""
+    import minirwkv.api
+    from minirwkv.engine.infer import ReferenceRunner
+
+    params = PARAMS[np.float64]
+    ref, fast = ReferenceRunner(params, batch_size=2, impl="numpy"), RNNRunner(params, batch_size=2)
+
+    def no_more_checks(*args, **kwargs):
+        raise AssertionError("check_params called on the per-token path")
+
+    monkeypatch.setattr(minirwkv.api, "check_params", no_more_checks)
+    prompts = [np.array([1, 2, 3]), np.array([4, 5])]
+    assert_close(ref.prefill(prompts, rows=[1, 0]), fast.prefill(prompts, rows=[1, 0]), np.float64, "same",
+                 what="prefill")
+    assert_close(ref.step(np.array([6, 7])), fast.step(np.array([6, 7])), np.float64, "same", what="step")
+    with pytest.raises(ValueError, match="batch size"):
+        ref.step(np.array([1]))
 
 
 def test_get_state_is_a_copy():
