@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_orphan_temps
 from ..config import ModelConfig
 from ..api import check_params
 from .pth import PthTensor, ZipArrays, read_pth, write_aligned_entry
@@ -188,10 +188,14 @@ def _refuse_foreign_keys(path, keys):
 
 def _sniff(path) -> str:
     """What the file is, by content: 'minirwkv', 'torch', or raise ValueError naming what it is instead."""
+    if os.path.isdir(path):
+        inside = sorted(n for n in os.listdir(path) if n.endswith((".ckpt", ".pth")))
+        hint = f"e.g. {os.path.join(path, inside[0])}" if inside else "the .ckpt or .pth file, not its folder"
+        raise ValueError(f"{path}: is a folder, not a checkpoint file; give the file inside it ({hint})")
     try:
         size = os.path.getsize(path)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+        raise ValueError(f"{path}: cannot read ({e.strerror}); check the path") from None
     if size == 0:
         raise ValueError(f"{path}: the file is empty (an interrupted download or save?)")
     with open(path, "rb") as f:
@@ -254,10 +258,29 @@ def load_params(path, dtype=np.float32) -> dict:
 
 
 def convert(src, dst, dtype=np.float32) -> ModelConfig:
-    """Read any supported checkpoint ``src`` and write it to ``dst`` in the minirwkv format; return its config."""
+    """Read any supported checkpoint ``src`` and write it to ``dst`` in the minirwkv format; return its config.
+
+    The tokenizer spec of a minirwkv source is kept (``sample`` then decodes as the model was trained); missing
+    parent folders of ``dst`` are created, and a folder at ``dst`` is refused (the file would replace nothing)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(dst):
+        raise ValueError(f"{dst}: is a folder; give the output file's name, e.g. "
+                         f"{os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + '.ckpt')}")
+    kind = _sniff(src)
     params = load_params(src, dtype=dtype)
     config = check_params(params, check_finite=False)
-    meta = {"converted_from": os.path.basename(os.fspath(src)), "source_format": _sniff(os.fspath(src))}
+    meta = {"converted_from": os.path.basename(src), "source_format": kind}
+    if kind == "minirwkv":
+        tokenizer = load_checkpoint(src).meta.get("tokenizer")
+        if tokenizer is not None:
+            meta["tokenizer"] = tokenizer
+    folder = os.path.dirname(os.path.abspath(dst))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{dst}: a parent of this path is a file, not a folder; choose another output path") \
+            from None
+    remove_orphan_temps(folder)  # what an earlier, killed convert left there
     save_checkpoint(dst, params, meta=meta)
     return config
 
@@ -268,7 +291,7 @@ def main(argv=None) -> int:
                                      description="Convert an RWKV-4 checkpoint (.pth or minirwkv) to the minirwkv "
                                                  "format, without torch and without executing the file.")
     parser.add_argument("src", help="official RWKV-4 .pth (fp32, fp16 or bf16) or a minirwkv checkpoint")
-    parser.add_argument("dst", help="output path (written atomically)")
+    parser.add_argument("dst", help="output file (written atomically; missing parent folders are created)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="dtype of the saved parameters (default float32; bf16 widens exactly)")
     args = parser.parse_args(argv)
@@ -277,6 +300,10 @@ def main(argv=None) -> int:
         config = convert(args.src, args.dst, dtype=np.dtype(args.dtype))
     except ValueError as e:
         print(f"minirwkv convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # permissions, a full disk: the source and any earlier output are untouched
+        print(f"minirwkv convert: error: {e.filename or args.dst}: {e.strerror}; check the path, its permissions "
+              f"and the free space", file=sys.stderr)
         return 1
     n = config.n_params()
     print(f"{args.src} -> {args.dst}: {config}, {n:,} parameters, {args.dtype}, "

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_write
+
 # torch's storage classes -> the element type stored in the archive. Integer storages are harmless data: they
 # appear in checkpoints converted by the ``rwkv`` package (uint8 weights), which the caller then refuses by name.
 STORAGE_DTYPES = {
@@ -334,7 +336,7 @@ def save_pth(path, state: dict, archive_name: str = "archive") -> None:
                    + _plain(stride) + b"\x89ccollections\nOrderedDict\n)Rt" + b"R")
         storages.append(array)
     ops.append(b"u.")  # SETITEMS, STOP
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_write(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
         root = archive_name + "/"
         zf.writestr(root + "data.pkl", b"".join(ops))
         zf.writestr(root + "byteorder", "little")

@@ -319,3 +319,84 @@ def test_refused_files_say_what_they_are(tmp_path, kind):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         load_params(tmp_path / "nope.pth")
+
+
+def test_missing_file_or_folder_through_the_cli(tmp_path, capsys):
+    from minirwkv.cli import main as cli
+
+    assert cli(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "minirwkv convert: error:" in err and "nope.pth" in err and "check the path" in err
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "best.ckpt", tiny_params())
+    assert cli(["convert", str(run), str(tmp_path / "o.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err and str(run / "best.ckpt") in err
+    assert folder_listing(tmp_path) == ["run"]
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+def test_convert_creates_missing_parent_folders(tmp_path, capsys):
+    from minirwkv.cli import main as cli
+
+    out = tmp_path / "a" / "b" / "o.ckpt"
+    assert cli(["convert", str(FIXTURES / "rwkv4_tiny_fp32.pth"), str(out)]) == 0
+    assert_same_arrays(load_params(out), load_pth(FIXTURES / "rwkv4_tiny_fp32.pth"), "converted")
+
+
+def test_convert_onto_a_folder_is_refused(tmp_path, capsys):
+    from minirwkv.cli import main as cli
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "keep.txt").write_text("mine")
+    assert cli(["convert", str(FIXTURES / "rwkv4_tiny_fp32.pth"), str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err and str(tmp_path / "models" / "rwkv4_tiny_fp32.ckpt") in err
+    assert folder_listing(tmp_path / "models") == ["keep.txt"]
+    (tmp_path / "afile").write_text("mine")
+    assert cli(["convert", str(FIXTURES / "rwkv4_tiny_fp32.pth"), str(tmp_path / "afile" / "o.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_convert_keeps_the_tokenizer_spec(tmp_path):
+    """A minirwkv checkpoint's tokenizer spec survives convert, so sample decodes as the model was trained."""
+    spec = {"kind": "char", "chars": "abc"}
+    save_checkpoint(tmp_path / "src.ckpt", tiny_params(dtype=np.float64), meta={"tokenizer": spec, "step": 7})
+    convert(tmp_path / "src.ckpt", tmp_path / "dst.ckpt")
+    meta = load_checkpoint(tmp_path / "dst.ckpt").meta
+    assert meta == {"converted_from": "src.ckpt", "source_format": "minirwkv", "tokenizer": spec}
+    assert_same_arrays(load_params(tmp_path / "dst.ckpt"), load_params(tmp_path / "src.ckpt"), "params")
+
+
+def test_convert_removes_orphan_temps_of_its_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from minirwkv.io.atomic import temp_name
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    orphan = tmp_path / temp_name("o.ckpt", pid=child.pid)
+    orphan.write_bytes(b"half a checkpoint")
+    convert(FIXTURES / "rwkv4_tiny_fp32.pth", tmp_path / "o.ckpt")
+    assert folder_listing(tmp_path) == ["o.ckpt"]
+
+
+def test_fortran_ordered_arrays_keep_their_values(tmp_path):
+    """A Fortran-ordered (or transposed) array is stored with fortran_order in its .npy header: read back, it must
+    have the same values, not its memory reinterpreted in C order."""
+    params = tiny_params()
+    fortran = {k: np.asfortranarray(v) if v.ndim == 2 else v for k, v in params.items()}
+    assert any(not v.flags.c_contiguous for v in fortran.values())
+    extra = {"g": {"f": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                   "t": np.arange(24.0).reshape(2, 3, 4).transpose(2, 0, 1)}}
+    for compress in (False, True):
+        save_checkpoint(tmp_path / "f.ckpt", fortran, arrays=extra, compress=compress)
+        ck = load_checkpoint(tmp_path / "f.ckpt")
+        assert_same_arrays(ck.params, params, f"params (compress={compress})")
+        assert_same_arrays(ck.arrays["g"], extra["g"], f"arrays (compress={compress})")

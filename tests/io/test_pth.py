@@ -225,3 +225,21 @@ def test_save_pth_is_read_by_torch(tmp_path):
             assert_bits_equal(got[k].numpy(), v, k)
         else:
             assert got[k] == v
+
+
+def test_failed_save_pth_keeps_the_previous_file(tmp_path, monkeypatch):
+    """save_pth writes atomically: a disk that fills up mid-write leaves the old file and no temporary."""
+    import minirwkv.io.pth as pth
+
+    path = tmp_path / "s.pth"
+    save_pth(path, {"a": np.arange(3, dtype=np.float32)})
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pth, "write_aligned_entry", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_pth(path, {"a": np.arange(5, dtype=np.float32)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pth"]
