@@ -7,7 +7,7 @@ every matrix once (a matrix-vector product cannot reuse a weight), so the speed 
 bytes of weights / bandwidth. docs/inference.md has the design and the measured figures (``python -m
 minirwkv.bench_infer``).
 
-What is prepared once (as the official ``rwkv`` package does at load time, rwkv4-math section 2.8):
+What is prepared once (as the official ``rwkv`` package does at load time):
   * ``emb = LN_ln0(emb.weight)``, the fold of ln0. Exact: a layernorm acts on each row alone, so
     LN(E)[idx] == LN(E[idx]) for every idx, and the same routine (ops.layernorm_forward) computes both.
     It removes one layernorm per token and the ln0 parameters; the embedding row is read, nothing else.

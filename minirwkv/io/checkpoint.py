@@ -5,7 +5,7 @@ Our format executes nothing when loaded: a zip archive (entries stored, or defla
     meta.json                  {"format": "minirwkv-checkpoint", "version": 1,
                                 "config": {"vocab_size": V, "n_embd": C, "n_layer": L, "dim_ffn": F},
                                 "meta": <whatever JSON the caller passed: step, tokenizer, backend, train config>}
-    params/<official key>.npy  one array per parameter, official RWKV-4 names and shapes (rwkv4-math.md section 6)
+    params/<official key>.npy  one array per parameter, official RWKV-4 names and shapes
     <group>/<name>.npy         other arrays, e.g. adam_m/<key>.npy, adam_v/<key>.npy
 
 Every ``.npy`` is read with ``allow_pickle=False`` semantics (object arrays refused); stored entries are
@@ -170,7 +170,7 @@ _RWKV_PACKAGE = ("_strategy", "_version", "_rescale_layer")
 
 
 def _refuse_foreign_keys(path, keys):
-    """Name the checkpoint families we recognise but cannot use, by their keys (rwkv4-math.md sections 2.8, 6)."""
+    """Name the checkpoint families we recognise but cannot use, by their keys."""
     keys = list(keys)
     found = [k for k in _RWKV_PACKAGE if k in keys]
     if found:
