@@ -6,6 +6,8 @@ into the field's declared type, and an unknown key fails with the list of valid 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import typing
 from dataclasses import dataclass
 
@@ -48,11 +50,13 @@ class ModelConfig:
 
     def n_params(self) -> int:
         """The number of parameters: the sum of the generation's shapes."""
-        import math
-
         from .generation import get_generation
 
         return sum(math.prod(s) for s in get_generation(self.version).param_shapes(self).values())
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def _parse_value(text: str, annotation, key: str):
@@ -66,9 +70,9 @@ def _parse_value(text: str, annotation, key: str):
         return _parse_value(text, inner[0], key)
     if annotation is bool:
         low = text.lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in TRUE_WORDS:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in FALSE_WORDS:
             return False
         raise ValueError(f"--{key} expects a boolean (true/false), got {text!r}")
     if annotation is int:
@@ -87,6 +91,12 @@ def _parse_value(text: str, annotation, key: str):
 
 
 def field_types(cls) -> dict:
+    """{field name: its type} of the dataclass ``cls`` (a copy: the table itself is computed once per class)."""
+    return dict(_field_types(cls))
+
+
+@functools.cache
+def _field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -102,12 +112,22 @@ def apply_overrides(config, overrides: dict):
     for key, value in overrides.items():
         norm = key.replace("-", "_")
         if norm not in types:
-            valid = ", ".join(sorted(types))
-            raise ValueError(f"unknown configuration key {key!r} for {type(config).__name__}; valid keys: {valid}")
+            raise unknown_key(key, type(config))
         if isinstance(value, str):
             value = _parse_value(value, types[norm], norm)
         changes[norm] = _check_type(value, types[norm], norm)
     return dataclasses.replace(config, **changes)
+
+
+def unknown_key(key: str, cls) -> ValueError:
+    """The error for a key that ``cls`` has no field for: the closest key, if one is close, and all valid keys."""
+    import difflib
+
+    types = field_types(cls)
+    close = difflib.get_close_matches(key.replace("-", "_"), types, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ValueError(f"unknown configuration key {key!r} for {cls.__name__}{hint}; valid keys: "
+                      f"{', '.join(sorted(types))}")
 
 
 def _check_type(value, annotation, key):
@@ -137,6 +157,36 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(arg)
     return overrides, rest
+
+
+# What each key of TrainConfig allows, beyond its type: (test, the words for it). Floats must also be finite.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_ABOVE_0 = (lambda v: v > 0, "> 0")
+_BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
+_TRAIN_RANGES = {
+    **dict.fromkeys(("n_layer", "n_embd", "dim_ffn", "block_size", "batch_size", "eval_interval", "eval_iters",
+                     "log_interval"), _AT_LEAST_1),
+    **dict.fromkeys(("max_iters", "warmup_iters", "sample_tokens", "seed", "blas_threads", "lr_final",
+                     "weight_decay", "grad_clip", "max_seconds"), _AT_LEAST_0),
+    "bpe_vocab_size": (lambda v: v >= 256, ">= 256 (the 256 byte tokens plus the merges)"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "learning_rate": _ABOVE_0, "eps": _ABOVE_0, "beta1": _BETA, "beta2": _BETA,
+}
+
+# The tokenizers a model can be trained with (train and prepare build them from the corpus or local files); world
+# and hf are the official models' vocabularies, for sampling those models (minirwkv.tokenizers.core.NAMES).
+TRAIN_TOKENIZERS = ("byte", "char", "bpe", "gpt2")
+
+
+def check_train_tokenizer(name: str) -> None:
+    """A tokenizer ``train`` and ``prepare`` can use, or a one-line error saying why not."""
+    if name in ("world", "hf"):
+        raise ValueError(f"--tokenizer={name} is the vocabulary of the official RWKV models, for sampling them "
+                         f"(minirwkv sample --tokenizer={name}); train and prepare use one of "
+                         f"{', '.join(TRAIN_TOKENIZERS)}")
+    if name not in TRAIN_TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {', '.join(TRAIN_TOKENIZERS)}, got {name!r}")
 
 
 # The keys a resumed run may take from the command line; every other key comes from the checkpoint and a different
@@ -201,32 +251,81 @@ class TrainConfig:
     distributed: str = "auto"  # auto: data-parallel over MPI when launched by mpiexec -n N > 1; off; mpi (always)
 
     def __post_init__(self):
-        positive = ("n_layer", "n_embd", "block_size", "batch_size", "eval_iters", "log_interval", "eval_interval",
-                    "bpe_vocab_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        choices = {"lr_decay": ("cosine", "exponential", "linear", "constant"), "warmup": ("rwkv", "linear"),
-                   "tokenizer": ("byte", "char", "bpe", "gpt2"),
-                   "distributed": ("auto", "off", "mpi")}  # the names of minirwkv.optim / tokenizer
+        """Every value is checked here, when the configuration is made: a bad one fails before any data or model is
+        touched, with its key, its value and what is allowed (one line)."""
+        for name, annotation in field_types(TrainConfig).items():  # TrainConfig(n_layer="4") fails here, not mid-run
+            object.__setattr__(self, name, _check_type(getattr(self, name), annotation, name))  # 5 -> 5.0 for floats
+        for name, (ok, allowed) in _TRAIN_RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "dim_ffn":
+                continue
+            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+                kind = "a finite number" if isinstance(value, float) else "an integer"
+                raise ValueError(f"--{name} must be {kind} {allowed}, got {value}")
+        if self.lr_decay != "constant" and self.lr_final > self.learning_rate:
+            raise ValueError(f"--lr_final={self.lr_final} is above --learning_rate={self.learning_rate}: the schedule "
+                             f"decays from learning_rate to lr_final; lower --lr_final (or use --lr_decay=constant)")
+        check_train_tokenizer(self.tokenizer)
+        from .backends import NAMES as ENGINES  # a table of names: importing it compiles nothing
+
+        choices = {"dtype": ("float32", "float64"), "device": ("cpu", "cuda"),
+                   "lr_decay": ("cosine", "exponential", "linear", "constant"), "warmup": ("rwkv", "linear"),
+                   "distributed": ("auto", "off", "mpi"), "impl": ("auto", *ENGINES)}  # minirwkv.engine.optim, ...
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.learning_rate <= 0 or self.lr_final < 0:
-            raise ValueError(f"--learning_rate must be > 0 and --lr_final >= 0, got {self.learning_rate}, "
-                             f"{self.lr_final}")
+        for name in ("data", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"--{name} is empty; {TRAIN_HELP[name]} (default {_default(name)})")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, n_embd=self.n_embd, n_layer=self.n_layer, dim_ffn=self.dim_ffn)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# One line per key for `minirwkv train --help` (and `prepare --help` for the keys it shares); a test checks that
+# every field of TrainConfig has one.
+TRAIN_HELP = {
+    "data": "the corpus: a UTF-8 text file, a folder from `minirwkv prepare`, or a named corpus (stdlib, shakespeare)",
+    "tokenizer": "text to ids: byte, char, bpe (trained on the corpus) or gpt2 (local files)",
+    "bpe_vocab_size": "vocabulary of the bpe tokenizer: 256 bytes plus the merges",
+    "val_fraction": "the last fraction of the tokens that is the validation split",
+    "n_layer": "number of RWKV blocks",
+    "n_embd": "width of the model (channels)",
+    "dim_ffn": "hidden width of the channel mix (none: 4 n_embd)",
+    "dtype": "dtype of the weights and the arithmetic: float32 or float64",
+    "block_size": "tokens per training sequence",
+    "batch_size": "sequences per step (the global batch of a data-parallel run)",
+    "learning_rate": "peak learning rate, reached after the warmup",
+    "lr_final": "learning rate at max_iters, where the decay ends",
+    "lr_decay": "schedule after the warmup: cosine, exponential, linear or constant",
+    "warmup_iters": "steps of warmup",
+    "warmup": "warmup shape: rwkv (starts at 0.2 lr) or linear",
+    "beta1": "AdamW's first-moment decay",
+    "beta2": "AdamW's second-moment decay",
+    "eps": "AdamW's epsilon",
+    "weight_decay": "decoupled weight decay, on the matrices only",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "l2wrap": "RWKV-LM's L2Wrap regulariser on the logits",
+    "max_iters": "steps of training; the schedule ends here",
+    "max_seconds": "wall-clock budget in seconds: stop, evaluate and save at the deadline (0: none)",
+    "eval_interval": "steps between evaluations (and checkpoints)",
+    "eval_iters": "validation batches per evaluation (the same batches every time)",
+    "log_interval": "steps between lines of the training log",
+    "out_dir": "folder of the run: checkpoints, log.jsonl, loss.png, run_config.json",
+    "resume": "continue the run saved in out_dir/last.ckpt, with the configuration saved there",
+    "overwrite": "start a new run in an out_dir that already holds one, replacing it",
+    "plot": "write loss.png at the end (needs matplotlib, the plot extra)",
+    "sample_tokens": "tokens of text printed when training ends (0: none)",
+    "seed": "seed of the initial weights and of the batches",
+    "impl": "WKV engine: auto, numba, numpy, parallel, cupy or cuda-shim",
+    "device": "cpu (NumPy) or cuda (CuPy)",
+    "blas_threads": "BLAS threads while training (0: leave as is)",
+    "distributed": "data-parallel over MPI: auto (when mpiexec starts more than one process), off or mpi",
+}
+
+
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)

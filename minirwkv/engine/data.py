@@ -20,7 +20,9 @@ resumed at step k draws exactly the batches an uninterrupted run draws, with no 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import sys
 import sysconfig
@@ -31,7 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..config import check_train_tokenizer
 from ..io.atomic import atomic_write
+from ..paths import output_folder
 from ..tokenizers.core import get_tokenizer, tokenizer_from_spec
 
 STDLIB_MAX_CHARS = 2_000_000
@@ -170,11 +174,26 @@ def tokenize(text: str, tokenizer_name: str = "byte", val_fraction: float = 0.1,
     return Dataset(train, val, tokenizer, _sha256(text.encode("utf-8")), stats)
 
 
+PREPARED_FILES = ("train.npy", "val.npy", "meta.json")
+
+
 def prepare(data: str, out_dir, tokenizer_name: str = "byte", val_fraction: float = 0.1,
-            bpe_vocab_size: int = 1024) -> Dataset:
-    """Tokenize the corpus once into ``out_dir``/{train.npy, val.npy, meta.json}; returns the dataset."""
-    dataset = tokenize(corpus_text(data), tokenizer_name, val_fraction, bpe_vocab_size)
+            bpe_vocab_size: int = 1024, overwrite: bool = False) -> Dataset:
+    """Tokenize the corpus once into ``out_dir``/{train.npy, val.npy, meta.json}; returns the dataset.
+
+    A folder that already holds a prepared dataset is kept unless ``overwrite``: the checks come before the corpus
+    is read, so a refused call touches nothing."""
+    check_train_tokenizer(tokenizer_name)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; prepare writes a folder ({', '.join(PREPARED_FILES)}): pass a "
+                         f"folder path")
+    output_folder(out, "--out", make=False)
+    held = [name for name in PREPARED_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already holds a prepared dataset ({', '.join(held)}); pass another --out, or "
+                         f"--overwrite to replace it")
+    dataset = tokenize(corpus_text(data), tokenizer_name, val_fraction, bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         with atomic_write(out / f"{split}.npy") as f:
@@ -225,9 +244,42 @@ def format_stats(stats: dict) -> str:
 def check_split(tokens: np.ndarray, block_size: int, split: str):
     """A split must hold at least one sequence of block_size + 1 tokens (inputs plus the shifted targets)."""
     if len(tokens) < block_size + 1:
-        raise ValueError(f"the {split} split has {len(tokens):,} tokens, fewer than block_size + 1 = "
-                         f"{block_size + 1}: use a longer corpus, or a --block_size below {max(len(tokens) - 1, 1)}"
-                         + (", or a larger --val_fraction" if split == "val" else ""))
+        raise ValueError(f"the {split} split has {_tokens(len(tokens))}, fewer than block_size + 1 = "
+                         f"{block_size + 1}: " + _advice(len(tokens), block_size, len(tokens)))
+
+
+def check_splits(train: np.ndarray, val: np.ndarray, block_size: int, val_fraction: float | None = None):
+    """Both splits hold a sequence of block_size + 1 tokens; else the advice is a block size that fits both (the
+    shorter split decides) or, where none does, a corpus size that fits ``block_size``. ``val_fraction``: how the
+    splits were made (default: read from their sizes)."""
+    split, tokens = ("train", train) if len(train) <= len(val) else ("val", val)
+    if len(tokens) < block_size + 1:
+        total = len(train) + len(val)
+        raise ValueError(f"the {split} split has {_tokens(len(tokens))}, fewer than block_size + 1 = "
+                         f"{block_size + 1}: " + _advice(len(tokens), block_size, total,
+                                                         val_fraction or len(val) / max(total, 1)))
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} token" + ("" if n == 1 else "s")
+
+
+def _advice(shortest: int, block_size: int, total: int, val_fraction: float = 0.0) -> str:
+    """What to do when the shortest split has ``shortest`` tokens: the largest block size that fits, or else (fewer
+    than the 2 tokens of block size 1) the smallest corpus whose splits fit ``block_size``."""
+    if shortest >= 2:
+        return f"use --block_size={shortest - 1} or less, or a longer corpus"
+    if not 0 < val_fraction < 1:
+        return "the corpus is too small to train on; use a longer corpus or a larger --val_fraction"
+    need = block_size + 1  # tokens in each split; the validation split is the last int(n val_fraction) of n
+
+    def fits(n):
+        return min(int(n * val_fraction), n - int(n * val_fraction)) >= need
+
+    enough = next(n for n in itertools.count(max(total, math.floor(need / min(val_fraction, 1 - val_fraction))))
+                  if fits(n))
+    return (f"the corpus is too small to train on; --block_size={block_size} needs a corpus of at least {enough:,} "
+            f"tokens (the validation split is its last {val_fraction:.3g})")
 
 
 def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = 0,

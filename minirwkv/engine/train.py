@@ -31,7 +31,7 @@ from ..io.atomic import atomic_write
 from ..backends.engine import make_engine
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
-from .data import check_split, get_batch, load_dataset, shard_rows
+from .data import check_splits, get_batch, load_dataset, shard_rows
 from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
                           init_world, on_root, threads_per_rank)
 from ..api import config_from_params, forward, init_params, loss_and_grads
@@ -351,8 +351,7 @@ def _setup(config: TrainConfig, out: Path, root: bool):
     # --- data and tokenizer ---------------------------------------------------------------------------------------
     data = load_dataset(config.data, config.tokenizer, config.val_fraction, config.bpe_vocab_size, tokenizer)
     tokenizer = data.tokenizer
-    check_split(data.train, config.block_size, "train")
-    check_split(data.val, config.block_size, "val")
+    check_splits(data.train, data.val, config.block_size)  # advice that fits both splits
     if config.resume and meta.get("data_sha256") != data.fingerprint:
         raise ValueError(f"--resume: {out / LAST} was trained on other text (sha256 {meta.get('data_sha256')}) "
                          f"than --data {config.data} (sha256 {data.fingerprint}); pass the same corpus")

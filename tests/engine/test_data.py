@@ -3,8 +3,12 @@ import hashlib
 import io
 import urllib.error
 
+import re
+
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from minirwkv import data
 
@@ -24,11 +28,48 @@ def test_missing_empty_and_undecodable_corpora(tmp_path):
 
 def test_corpus_too_short_for_one_batch():
     tokens = np.arange(10, dtype=np.uint16)
-    with pytest.raises(ValueError, match=r"train split has 10 tokens, fewer than block_size \+ 1 = 17.*below 9"):
+    with pytest.raises(ValueError, match=r"train split has 10 tokens, fewer than block_size \+ 1 = 17.*"
+                                         r"--block_size=9 or less"):
         data.get_batch(tokens, 16, 2, seed=0, step=0)
     x, y = data.get_batch(tokens, 9, 3, seed=0, step=0)  # exactly block_size + 1 tokens: one possible window
     np.testing.assert_array_equal(x, np.tile(np.arange(9), (3, 1)))
     np.testing.assert_array_equal(y, np.tile(np.arange(1, 10), (3, 1)))
+
+
+def _follow(advice: str, n_tokens: int, val_fraction: float, block_size: int):
+    """The (corpus size, block size) a check_splits message advises."""
+    if m := re.search(r"--block_size=(\d+) or less", advice):
+        return n_tokens, int(m.group(1))
+    if m := re.search(r"needs a corpus of at least ([\d,]+) tokens", advice):
+        return int(m.group(1).replace(",", "")), block_size
+    assert "a larger --val_fraction" in advice  # an empty validation split: no size can be computed from it
+    return None
+
+
+@given(n_tokens=st.integers(1, 3000), val_fraction=st.floats(0.01, 0.99), block_size=st.integers(1, 300))
+@example(n_tokens=10, val_fraction=0.1, block_size=128)  # the 10-byte corpus: told "below 8", then "below 1"
+@example(n_tokens=10, val_fraction=0.1, block_size=7)
+@example(n_tokens=30, val_fraction=0.1, block_size=128)
+def test_block_size_advice_for_a_short_corpus_works_when_followed(n_tokens, val_fraction, block_size):
+    ds = data.tokenize("x" * n_tokens, "byte", val_fraction)
+    try:
+        data.check_splits(ds.train, ds.val, block_size)
+        return
+    except ValueError as e:
+        advice = str(e)
+    assert "\n" not in advice
+    followed = _follow(advice, n_tokens, val_fraction, block_size)
+    if followed is None:
+        assert len(ds.val) == 0
+        return
+    n, b = followed
+    ds = data.tokenize("x" * n, "byte", val_fraction)
+    data.check_splits(ds.train, ds.val, b)  # following the advice works
+    data.get_batch(ds.train, b, 2, seed=0, step=0)
+    data.get_batch(ds.val, b, 2, seed=0, step=0, stream=1)
+    if n == n_tokens:
+        with pytest.raises(ValueError):  # ... and it is the largest block size that does
+            data.check_splits(ds.train, ds.val, b + 1)
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -107,3 +148,31 @@ def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "cache_dir", lambda: tmp_path)
     with pytest.raises(RuntimeError, match="Offline.*--data path/to/input.txt"):
         data.corpus_text("shakespeare")
+
+
+def test_prepare_keeps_what_is_there(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be\n" * 50)
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    with pytest.raises(ValueError, match=r"--out .*file: is a file; prepare writes a folder"):
+        data.prepare(str(corpus), a_file)
+    with pytest.raises(ValueError, match=r"file is a file, not a folder; choose another path"):
+        data.prepare(str(corpus), a_file / "sub")
+    assert a_file.read_text() == "mine"
+    first = data.prepare(str(corpus), tmp_path / "prep", "char")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "prep").iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a prepared dataset .*another --out, or --overwrite"):
+        data.prepare(str(corpus), tmp_path / "prep", "byte")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "prep").iterdir()} == before  # untouched
+    again = data.prepare(str(corpus), tmp_path / "prep", "byte", overwrite=True)
+    assert again.tokenizer.name == "byte" != first.tokenizer.name
+    assert data.load_dataset(str(tmp_path / "prep")).tokenizer.name == "byte"
+
+
+@pytest.mark.parametrize("name", ["world", "hf"])
+def test_prepare_refuses_the_official_vocabularies_and_says_why(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"--tokenizer={name} is the vocabulary of the official RWKV models.*"
+                                         r"train and prepare use one of byte, char, bpe, gpt2"):
+        data.prepare("stdlib", tmp_path / "p", name)
+    assert not (tmp_path / "p").exists()
