@@ -36,17 +36,16 @@ The per-block path (``_run``), one line per operation; the element-wise groups a
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import layers as ops
-from ..io.atomic import atomic_write, remove_orphan_temps
 from ..api import check_params, check_state, check_tokens, init_state, model_for
 from ..rwkv4.state import LayerState
 from ..state import State
 from ..devices import array_module, to_numpy
+from ..io.statefile import load_state, save_state  # noqa: F401  (their old import path)
 
 DEFAULT_CHUNK = 256  # tokens per prefill block: activations (B, 256, 4C) stay small; long enough to batch products
 
@@ -305,38 +304,8 @@ def _load_kernels():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saving and restoring a state (no pickle)
+# States of several sequences (saving and restoring one is a file format: minirwkv/io/statefile.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-STATE_FORMAT = "minirwkv-rnn-state"
-
-
-def save_state(path, state: State, logits=None) -> None:
-    """Write ``state`` (and optionally the logits (B, V) of the last token, which the first sampled token of a
-    continuation needs) to ``path`` as an .npz of plain arrays: keys ``blocks.i.att_x``, ... as State.to_arrays,
-    ``logits``, and ``format``. Loading it executes nothing (numpy.load with allow_pickle=False)."""
-    arrays = {k: to_numpy(v) for k, v in state.to_arrays().items()}  # a GPU state is saved from the host
-    if logits is not None:
-        arrays["logits"] = to_numpy(logits)
-    arrays["format"] = np.array(STATE_FORMAT)
-    remove_orphan_temps(os.path.dirname(os.path.abspath(path)))  # what an earlier, killed save left behind
-    with atomic_write(path) as f:  # a reader never sees half a file; a failed write keeps the old one
-        np.savez(f, **arrays)
-
-
-def load_state(path):
-    """-> (State, logits or None) from a file written by ``save_state``."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a saved RNN state ({e})") from None
-    if str(arrays.pop("format", "")) != STATE_FORMAT:
-        raise ValueError(f"{path}: not a saved RNN state (no 'format' entry {STATE_FORMAT!r}); write one with "
-                         f"minirwkv.infer.save_state")
-    logits = arrays.pop("logits", None)
-    return State.from_arrays(arrays), logits
-
 
 def broadcast_state(state: State, batch_size: int) -> State:
     """A state of one sequence repeated for ``batch_size`` sequences (one prompt, many continuations)."""

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from minirwkv import ModelConfig, forward, init_params, init_state, prefill, rnn_step
 from minirwkv.backends.numba import infer4 as numba_infer
-from minirwkv.engine.infer import RNNRunner, broadcast_state, fold_ln0, load_state, save_state
+from minirwkv.engine.infer import RNNRunner, broadcast_state, fold_ln0
+from minirwkv.io.statefile import load_state, save_state
 from minirwkv.layers import gate_forward, layernorm_forward, relu_square_forward
 from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
 from minirwkv.rwkv4.wkv import wkv_recurrent_forward, zero_state
