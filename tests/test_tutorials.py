@@ -19,8 +19,9 @@ PATHS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 EXPECTED_PNGS = {  # pictures each tutorial saves into MINIRWKV_OUT when matplotlib is installed
     "01_token_shift_and_time_mixing.py": ["01_time_mix_init.png"],
     "02_wkv_three_ways.py": ["02_wkv_weights.png"],
-    "05_training_a_tiny_model.py": ["05_loss_curve.png"],
-    "06_rnn_mode.py": ["06_state_over_text.png"],
+    "05_data_and_the_optimizer.py": ["05_lr_schedule.png"],
+    "06_training_loop_checkpoints_and_resume.py": ["06_loss_curve.png"],
+    "07_rnn_mode.py": ["07_state_over_text.png"],
 }
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -33,6 +34,18 @@ def test_the_four_core_tutorials_are_present():
     for name in ("01_token_shift_and_time_mixing.py", "02_wkv_three_ways.py", "03_backprop_through_wkv.py",
                  "04_block_forward_backward.py"):
         assert name in names, f"tutorials/{name} is missing"
+
+
+def test_the_tutorials_are_numbered_in_reading_order():
+    """01..NN without gaps or duplicates, each titled with its own number, every one listed in tutorials/README.md."""
+    numbers = [int(p.name[:2]) for p in PATHS]
+    assert numbers == list(range(1, len(PATHS) + 1)), [p.name for p in PATHS]
+    readme = (TUTORIALS / "README.md").read_text()
+    for number, path in zip(numbers, PATHS):
+        assert path.read_text().startswith(f"# %% [markdown]\n# # Tutorial {number}:"), path.name
+        assert f"`{path.name}`" in readme, f"tutorials/README.md does not list {path.name}"
+    for name in EXPECTED_PNGS:
+        assert (TUTORIALS / name).is_file(), f"EXPECTED_PNGS names {name}, which is not a tutorial"
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)

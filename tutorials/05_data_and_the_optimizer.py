@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Tutorial 5: training a tiny model on a laptop, with the loss curve
+# # Tutorial 5: the data and the optimizer
 #
 # Tutorial 4 ended with a gradient we can trust: `minirwkv.loss_and_grads(params, idx, targets)` returns the mean
 # cross-entropy of predicting each next token and, for every parameter, its derivative. Training is what we do
@@ -12,19 +12,16 @@
 #         grads       = clip(grads)                        # global norm <= 1
 #         params      = adamw(params, grads, lr)           # one step downhill, per-parameter scale
 #
-# That is the whole of `minirwkv/train.py`; the rest of the file is bookkeeping (evaluation, checkpoints, logs).
-# This tutorial builds each line from the library's pieces, then hands the job to the library's trainer:
+# This tutorial is about what goes into that loop: the data it reads and the optimizer that moves the weights.
+# Tutorial 6 is the loop itself (the trainer, its loss curve, checkpoints and exact resume).
 #
 # 1. the data: Python's own standard library as text, one token per byte, and two reference losses;
 # 2. batches that are a pure function of (seed, step);
-# 3. AdamW with RWKV's per-parameter multipliers, and the learning-rate schedule;
-# 4. one training step written out by hand, checked bit for bit against the trainer's first steps;
-# 5. a short run of `minirwkv.train.train`, and its loss curve;
-# 6. a sample of text from the trained model;
-# 7. stop, resume, and end bit-identical to a run that was never interrupted.
+# 3. AdamW with RWKV's official per-parameter multipliers, and the learning-rate schedule;
+# 4. one training step written out by hand, checked bit for bit against the trainer's first steps.
 #
-# Code: minirwkv/train.py (the loop, top to bottom), minirwkv/optim.py, minirwkv/data.py. Design and measured
-# figures: docs/training.md. The command-line version of all this is `minirwkv train`.
+# Code: minirwkv/engine/data.py, minirwkv/engine/optim.py, and the loop in minirwkv/engine/train.py. Design and
+# measured figures: docs/training.md.
 
 # %%
 import dataclasses
@@ -35,21 +32,18 @@ import time
 import numpy as np
 
 import minirwkv
-from minirwkv import optim
 from minirwkv.backends.engine import make_engine
-from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
+from minirwkv.engine import optim
 from minirwkv.engine.data import format_stats, get_batch, load_dataset
-from minirwkv.engine.generate import generate_text, load_model
-from minirwkv.tools.plot import read_log
-from minirwkv.engine.train import LAST, blas_threads, to_numpy, train
+from minirwkv.engine.train import blas_threads, to_numpy, train
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
 OUT = out_dir()
 RUNS = OUT / "05_runs"  # the trainer's folders (checkpoints, log.jsonl); emptied at every run of this tutorial
 shutil.rmtree(RUNS, ignore_errors=True)
-checks = Checks("Tutorial 5: training a tiny model")
+checks = Checks("Tutorial 5: the data and the optimizer")
 np.set_printoptions(precision=4, suppress=True, linewidth=120)
 t_tutorial = time.perf_counter()
 
@@ -57,24 +51,23 @@ t_tutorial = time.perf_counter()
 # ## 0. The run's configuration
 #
 # Everything a run needs is one frozen dataclass, `TrainConfig` (minirwkv/config.py); `minirwkv train --key=value`
-# overrides its fields from the command line. The full-size run of this tutorial is the default run of
-# `minirwkv train` (4 layers, n_embd = 128, about 0.9 M parameters, 12 sequences of 128 bytes per step) cut to 500
-# steps: about a minute of training on a laptop. The quick run (MINIRWKV_QUICK=1, what CI runs) is a 2-layer model
-# of width 32 for 40 steps, at a higher learning rate so that it gets somewhere in that time.
+# overrides its fields from the command line. The full-size configuration is the default run of `minirwkv train`
+# (4 layers, n_embd = 128, about 0.9 M parameters, 12 sequences of 128 bytes per step) cut to 500 steps, the run
+# tutorial 6 trains. The quick one (MINIRWKV_QUICK=1, what CI runs) is a 2-layer model of width 32 for 40 steps, at
+# a higher learning rate so that it gets somewhere in that time.
 #
-# `impl` names the WKV backend. "auto" picks the Numba kernel on a CPU: the fastest at the full size, but it
-# compiles the first time it runs (about 20 s, then cached on disk). The quick run uses "numpy", the NumPy
-# reference of `wkv.py`, which compiles nothing and, at width 32, is no slower.
+# `impl` names the engine that computes: "auto" is the Numba engine on a CPU, the fastest at the full size, but
+# it compiles the first time it runs (about 20 s, then cached on disk). The quick run names "numpy", the NumPy
+# reference, which compiles nothing and, at width 32, is no slower. The name is read once, at the edge: the trainer
+# turns it into an `Engine` with `make_engine(impl, device)` and passes that object down (section 4 does the same).
 
 # %%
 if QUICK:
     config = TrainConfig(n_layer=2, n_embd=32, block_size=64, batch_size=8, max_iters=40, warmup_iters=5,
                          learning_rate=5e-3, lr_final=5e-4, eval_interval=10, eval_iters=4, log_interval=2,
-                         impl="numpy", plot=False, out_dir=str(RUNS / "main"))
-    LOSS_TARGET = 3.0  # measured: 2.69 after 40 steps
+                         impl="numpy", plot=False)
 else:
-    config = TrainConfig(max_iters=500, eval_interval=50, log_interval=10, plot=False, out_dir=str(RUNS / "main"))
-    LOSS_TARGET = 1.9  # measured: 1.62 after 500 steps
+    config = TrainConfig(max_iters=500, eval_interval=50, log_interval=10, plot=False)
 for field in ("data", "tokenizer", "n_layer", "n_embd", "block_size", "batch_size", "max_iters", "learning_rate",
               "lr_final", "lr_decay", "warmup_iters", "weight_decay", "grad_clip", "seed", "impl"):
     print(f"{field:14s} {getattr(config, field)!r}")
@@ -114,7 +107,6 @@ freq = counts[counts > 0] / counts.sum()
 unigram = float(-(freq * np.log(freq)).sum())
 print(f"uniform guess: ln 256 = {np.log(256):.3f} nats per byte; unigram entropy of the train split: "
       f"{unigram:.3f} nats per byte ({int((counts > 0).sum())} distinct bytes)")
-print(f"this run must reach a val loss below {LOSS_TARGET}")
 
 # %% [markdown]
 # ## 2. Batches from (seed, step)
@@ -123,7 +115,7 @@ print(f"this run must reach a val loss below {LOSS_TARGET}")
 # first block_size tokens of each window and the targets y the last block_size, so y[b, t] is the token that
 # follows x[b, t]. The offsets come from `np.random.default_rng([seed, 0, step])`: batch number `step` is a pure
 # function of the two numbers, with no random generator carried from one step to the next. That is what will make
-# a resumed run replay exactly the batches of an uninterrupted one (section 7). Validation draws from stream 1,
+# a resumed run replay exactly the batches of an uninterrupted one (tutorial 6). Validation draws from stream 1,
 # `default_rng([seed, 1, i])` for i < eval_iters: the same batches at every evaluation, so successive val losses
 # measure the model, not the luck of the draw.
 
@@ -188,35 +180,41 @@ for s in shown:
 # %% [markdown]
 # ## 4. One training step, written out
 #
-# Here is one update of the loop in minirwkv/train.py, from the library's pieces: the learning rate of the step,
+# Here is one update of the loop in minirwkv/engine/train.py, from the library's pieces: the learning rate of the step,
 # the batch of the step, the loss and every gradient (`minirwkv.loss_and_grads`, with `l2wrap`, RWKV-LM's small
-# extra gradient that keeps the logits near zero, rwkv4-math 2.7), clipping of the global gradient norm to 1
+# extra gradient that keeps the logits near zero, docs/rwkv4.md §2.7), clipping of the global gradient norm to 1
 # (torch's `clip_grad_norm_` rule, what v4neo gets from Lightning's `gradient_clip_val`), and AdamW. The update is
 # functional: `adamw_step` returns new dicts and leaves its inputs as they were.
 #
-# `fused=True` runs the same AdamW arithmetic as one Numba loop per parameter; the trainer uses it when the WKV
-# backend is Numba, and so do we. The trainer also limits the BLAS library to one thread (faster for matrices this
-# small); we do the same, so that both compute every product in the same order.
+# Which code computes is an `Engine` (minirwkv/backends/engine.py), chosen once at the edge and passed down:
+# `make_engine(config.impl, config.device)` is what the trainer calls, once, before its loop. The engine carries
+# the WKV, the element-wise forward/backward pairs, and `adamw_update`: a fused in-place AdamW (one Numba loop per
+# parameter, the same arithmetic) or None. Nothing in the step looks at the name again; we pass the engine to
+# `loss_and_grads`, and ask AdamW for the fused form exactly when the engine offers one, as the trainer does. The
+# trainer also limits the BLAS library to one thread (faster for matrices this small); we do the same, so that
+# both compute every product in the same order.
 
 # %%
-backend = make_engine(config.impl, config.device).name  # "auto" resolved: what the trainer will print and record
+engine = make_engine(config.impl, config.device)  # once, at the edge; "auto" resolved to a concrete engine
+print(f"engine {engine.name} on {engine.device}: element-wise ops replaced by kernels: {list(engine.ops.overridden)}; "
+      f"fused AdamW: {engine.adamw_update is not None}")
 
 
 def train_step(params, opt, step, cfg, tokens):
-    """One update of ``minirwkv.train``: -> (params, opt state, loss, clipped grads, grad norm, lr)."""
+    """One update of ``minirwkv.engine.train.train``: -> (params, opt state, loss, clipped grads, grad norm, lr)."""
     lr = lr_at(step, cfg)
     x, y = get_batch(tokens, cfg.block_size, cfg.batch_size, cfg.seed, step)  # (B, T) inputs and targets
-    loss, grads = minirwkv.loss_and_grads(params, x, y, impl=backend, l2wrap=cfg.l2wrap)
+    loss, grads = minirwkv.loss_and_grads(params, x, y, impl=engine, l2wrap=cfg.l2wrap)
     grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)  # norm: before clipping
     params, opt = optim.adamw_step(params, grads, opt, lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay,
-                                   fused=backend == "numba")
+                                   fused=engine.adamw_update is not None)
     return params, opt, loss, grads, norm, lr
 
 
 with blas_threads(config.blas_threads):
     opt0 = optim.adamw_init(params0)  # m = v = 0, step = 0
     params1, opt1, loss0, grads0, norm0, lr0 = train_step(params0, opt0, 0, config, data.train)
-print(f"step 0: backend {backend}, loss {loss0:.4f} (ln 256 = {np.log(256):.4f}), gradient norm {norm0:.3f} "
+print(f"step 0: engine {engine.name}, loss {loss0:.4f} (ln 256 = {np.log(256):.4f}), gradient norm {norm0:.3f} "
       f"(clipped to {config.grad_clip}), lr {lr0:.2e}")
 
 # %% [markdown]
@@ -297,184 +295,54 @@ for name in ("blocks.0.att.time_first", "blocks.0.att.time_decay", "blocks.0.att
                  p_new - params1[name], np.float32, scale=np.abs(params1[name]).max())
 
 # %% [markdown]
-# Now the trainer, from the same configuration, for one update and then for two: `minirwkv.train.train(config)`
+# Now the trainer, from the same configuration, for one update and then for two: `minirwkv.engine.train.train(config)`
 # builds the same initial parameters from the seed, draws the same batches and takes the same steps. Every
 # parameter must be bitwise equal to ours: not approximately, since both ran the same arithmetic in the same order.
 
 # %%
 for n_steps, ours in ((1, params1), (2, params2)):
     # a run of n_steps: both steps lie in the warmup, whose learning rate does not depend on max_iters
+    # a fresh out_dir per run: the trainer refuses a folder that already holds a run (unless resume/overwrite)
     short = dataclasses.replace(config, max_iters=n_steps, eval_iters=1, out_dir=str(RUNS / f"{n_steps}_step"))
     short_result = train(short, echo=lambda line: print("  [trainer]", line))
     checks.exact(f"hand-written loop == trainer, after {n_steps} step{'s' * (n_steps > 1)} (all params)",
                  np.concatenate([to_numpy(short_result.params)[k].ravel() for k in ours]),
                  np.concatenate([ours[k].ravel() for k in ours]))
+    checks.true(f"the trainer ran on the engine we made ({n_steps} step{'s' * (n_steps > 1)})",
+                short_result.backend == engine.name, f"{short_result.backend}")
 
 # %% [markdown]
-# ## 5. The trainer: a short run
-#
-# `train(config)` runs the loop for `max_iters` steps. Every `eval_interval` steps (and at the end) it measures
-# the val loss on the fixed validation batches and saves `last.ckpt` (weights, AdamW moments, step, configs,
-# tokenizer) and `best.ckpt` when the val loss improved. Every `log_interval` steps it prints the mean train loss
-# of the window, the learning rate and the speed, and appends the same numbers to `log.jsonl`, from which we draw
-# the loss curve. (`minirwkv train` is this call plus a sample at the end; `minirwkv plot OUT_DIR` draws the same
-# curve against steps and seconds.)
-
-# %%
-t0 = time.perf_counter()
-result = train(config)
-train_seconds = time.perf_counter() - t0
-records = read_log(RUNS / "main" / "log.jsonl")
-train_log = [r for r in records if r["kind"] == "train"]
-val_log = [r for r in records if r["kind"] == "eval"]
-print(f"\n{result.step} steps in {train_seconds:.1f} s; val loss {val_log[0]['val_loss']:.3f} -> {result.val_loss:.3f}")
-print(f"{'step':>6} {'val loss':>9}")
-for r in val_log:
-    print(f"{r['step']:6d} {r['val_loss']:9.3f}")
-checks.true(f"val loss fell below {LOSS_TARGET}", result.val_loss < LOSS_TARGET,
-            f"{val_log[0]['val_loss']:.2f} -> {result.val_loss:.3f}")
-checks.true("val loss below the unigram entropy", result.val_loss < unigram, f"{unigram:.2f} nats/byte")
-
-# %% [markdown]
-# The curve. The train loss (the mean over each logging window, so each point averages several batches) falls
-# fast in the first steps: learning which bytes are common takes it from ln 256 to the unigram entropy. Below
-# that line the model is using the context: indentation, keywords, names seen earlier in the window. The val
-# loss is measured on the last modules of the alphabet, which the model never trains on. It sits above the train
-# loss because those modules are different code, not because the model memorised its training text: 500 steps of
-# 12 x 128 bytes see under half of the 1.7 M training bytes once.
+# The schedule as a picture: the warmup from a fifth of the peak, then the cosine down to `lr_final`.
 
 # %%
 plt = pyplot()
 if plt is not None:
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train (window mean)")
-    ax_loss.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", label="val")
-    ax_loss.axhline(np.log(256), color="gray", ls=":", label="uniform, ln 256")
-    ax_loss.axhline(unigram, color="gray", ls="--", label="unigram entropy")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("cross-entropy (nats per byte)")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot(lr_curve, label="learning_rate(step)")
-    ax_lr.plot([r["step"] - 1 for r in train_log], [r["lr"] for r in train_log], ".", label="logged by the trainer")
-    ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.legend()
-    ax_lr.grid(alpha=0.3)
-    fig.suptitle(f"RWKV-4, {model_config.n_layer} layers x {model_config.n_embd}, byte-level, {config.data} corpus")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(lr_curve, label="optim.learning_rate(step)")
+    ax.axvline(config.warmup_iters, color="gray", ls=":", label=f"end of warmup (step {config.warmup_iters})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(OUT / "05_loss_curve.png", dpi=100)
+    fig.savefig(OUT / "05_lr_schedule.png", dpi=100)
     plt.close(fig)
-    print("saved", OUT / "05_loss_curve.png")
-
-# %% [markdown]
-# ## 6. A sample
-#
-# `best.ckpt` holds everything needed to use the model: `load_model` (what `minirwkv sample --checkpoint` calls)
-# returns its weights and rebuilds its tokenizer from the spec stored with them. `generate_text` runs the model in
-# RNN mode (tutorial 6): it reads the prompt, then draws one byte at a time at temperature 0.8 with a fixed seed.
-# After the full run the text has Python's shape (indentation, `def`, docstrings, comments, `self._name`); the
-# quick run's 40 steps give spaces, line breaks and fragments of keywords, not yet code. A byte model can also draw
-# half of a multi-byte character; decoding shows it as U+FFFD rather than failing.
-
-# %%
-sample_params, sample_tokenizer = load_model(RUNS / "main" / "best.ckpt")
-prompt = "def "
-sample = prompt + generate_text(sample_params, sample_tokenizer, prompt, max_new_tokens=120 if QUICK else 400,
-                                temperature=0.8, seed=0)[0]
-print(sample)
-readable = sum(c.isprintable() and c.isascii() or c in "\n\t" for c in sample) / len(sample)
-print(f"\n{100 * readable:.0f}% of the characters are printable ASCII, newlines or tabs")
-checks.true("the sample decodes to text", isinstance(sample, str) and len(sample) > len(prompt) and readable > 0.9,
-            f"{len(sample)} chars, {100 * readable:.0f}% printable")
-
-# %% [markdown]
-# ## 7. Stop, resume, and end where an uninterrupted run ends
-#
-# A long run gets interrupted: a laptop lid, a Ctrl-C. The trainer catches Ctrl-C (Python's KeyboardInterrupt),
-# saves `last.ckpt` at the last completed step and returns; `resume=True` (`minirwkv train --resume`) loads it and
-# carries on. Resuming is exact, not approximately right, when three things are restored: the weights, the AdamW
-# moments m and v with the step counter (the learning rate and the bias corrections depend on it), and the
-# batches, which need nothing saved since they are a function of (seed, step).
-#
-# We check it with a small model, so that it takes seconds: run A trains 24 steps without a break; run B is
-# stopped after step 13 by a callback that raises KeyboardInterrupt, exactly as Ctrl-C would, and is resumed to
-# step 24. The two must end with bitwise equal weights and moments.
-
-# %%
-small = dataclasses.replace(config, n_layer=2, n_embd=32, block_size=32, batch_size=4, max_iters=24,
-                            warmup_iters=4, eval_interval=8, eval_iters=2, log_interval=8)
-STOP = 13
-
-
-def ctrl_c_at(step_to_stop):
-    def on_step(step, loss):  # called by the trainer after every update
-        if step == step_to_stop:
-            raise KeyboardInterrupt
-    return on_step
-
-
-def quiet(line):
-    pass
-
-
-run_a = train(dataclasses.replace(small, out_dir=str(RUNS / "a_whole")), echo=quiet)
-run_b1 = train(dataclasses.replace(small, out_dir=str(RUNS / "b_stopped")), on_step=ctrl_c_at(STOP), echo=quiet)
-stopped_at = load_checkpoint(RUNS / "b_stopped" / LAST)  # what the interruption left on disk
-run_b2 = train(dataclasses.replace(small, out_dir=str(RUNS / "b_stopped"), resume=True), echo=print)
-print(f"run A: {run_a.step} steps; run B: stopped at step {run_b1.step} (interrupted: {run_b1.interrupted}), "
-      f"resumed to step {run_b2.step}")
-
-ckpt_a, ckpt_b = load_checkpoint(RUNS / "a_whole" / LAST), load_checkpoint(RUNS / "b_stopped" / LAST)
-names = sorted(ckpt_a.params)
-checks.true("Ctrl-C saved last.ckpt at the step it stopped", run_b1.interrupted and stopped_at.meta["step"] == STOP,
-            f"step {stopped_at.meta['step']}")
-checks.exact("resumed run == uninterrupted run: params",
-             np.concatenate([to_numpy(run_b2.params)[k].ravel() for k in names]),
-             np.concatenate([to_numpy(run_a.params)[k].ravel() for k in names]))
-checks.exact("resumed run == uninterrupted run: AdamW m and v",
-             np.concatenate([ckpt_b.arrays[g][k].ravel() for g in ("adam_m", "adam_v") for k in names]),
-             np.concatenate([ckpt_a.arrays[g][k].ravel() for g in ("adam_m", "adam_v") for k in names]))
-
-# %% [markdown]
-# Why save the moments at all? Resume by hand from the same checkpoint, with the loop of section 4, but with fresh
-# moments, as a restart that kept only the weights would: m = v = 0 and AdamW's update counter t back at 1 (the
-# learning rate still follows the step). The run ends somewhere else. With the saved moments, the same hand loop
-# lands bitwise where the trainer landed.
-
-# %%
-saved_params = {k: a.astype(np.dtype(small.dtype)) for k, a in stopped_at.params.items()}
-saved_opt = optim.state_from_arrays(stopped_at.arrays, stopped_at.meta["step"], saved_params)
-with blas_threads(small.blas_threads):
-    p_saved, opt_saved = saved_params, saved_opt
-    p_fresh, opt_fresh = saved_params, optim.adamw_init(saved_params)
-    for step in range(STOP, small.max_iters):
-        p_saved, opt_saved = train_step(p_saved, opt_saved, step, small, data.train)[:2]
-        p_fresh, opt_fresh = train_step(p_fresh, opt_fresh, step, small, data.train)[:2]
-end_a = np.concatenate([to_numpy(run_a.params)[k].ravel() for k in names])
-end_fresh = np.concatenate([p_fresh[k].ravel() for k in names])
-print(f"resumed with fresh moments: max |difference| from run A = {np.abs(end_fresh - end_a).max():.2e}")
-checks.exact("hand loop from last.ckpt (saved moments) == run A", np.concatenate([p_saved[k].ravel() for k in names]),
-             end_a)
-checks.true("resume with fresh moments does not reach run A", not np.array_equal(end_fresh, end_a),
-            f"max diff {np.abs(end_fresh - end_a).max():.1e}")
+    print("saved", OUT / "05_lr_schedule.png")
 print(f"\nthe whole tutorial ran in {time.perf_counter() - t_tutorial:.0f} s")
 
 # %% [markdown]
 # ## Summary
 #
-# * Training is five lines repeated: schedule, batch, `loss_and_grads`, clip, AdamW. The trainer is those lines
-#   plus evaluation, checkpoints and logs, and its step is bitwise the one written out here.
-# * AdamW's first step moves every parameter that has a gradient by lr_i, with RWKV-4's multipliers: time_decay
-#   2x, time_first 3x. At the official init only the parameters after the zero matrices have one; the blocks join
-#   in from the second step. Weight decay touches the matrices only. The learning rate warms up from a fifth of its
-#   peak, then decays.
-# * The model learns the byte frequencies first (the unigram entropy), then the context; its val loss is
-#   measured on fixed batches of text it never trains on, and its samples come from `best.ckpt`.
-# * A batch is a function of (seed, step) and the checkpoint holds the AdamW moments and step, so a stopped and
-#   resumed run ends bitwise where an uninterrupted one does; restarting the moments from zero does not.
+# * The data is a function of the configuration: the stdlib corpus as bytes, split 90/10, and batch number `step`
+#   a pure function of (seed, step), with validation on fixed batches of its own stream.
+# * AdamW's first step moves every parameter that has a gradient by lr_i, with RWKV-4's official multipliers:
+#   time_decay 2x, time_first 3x. At the official init only the parameters after the zero matrices have one; the
+#   blocks join in from the second step. Weight decay touches the matrices only. The learning rate warms up from a
+#   fifth of its peak, then decays.
+# * The engine is chosen once at the edge (`make_engine`) and passed down; one step written out from the library's
+#   pieces is bitwise the trainer's step.
 #
-# Next: tutorial 6, RNN mode, the way the trained model generates text.
+# Next: tutorial 6, the training loop itself: the loss curve, a sample, checkpoints and exact resume.
 
 # %%
 checks.report()
