@@ -147,8 +147,9 @@ def test_the_checks_can_fail(tmp_path):
     (tmp_path / "docs/README.md").write_text("# Index\n[a.md](a.md)\n")
     (tmp_path / "docs/a.md").write_text("# A\n## 2. Forward\n### 2.7 Loss\nsee minirwkv/nothing_here.py\n")
     (tmp_path / "docs/b.md").write_text("# B, not in the index\n")
-    (tmp_path / "x.py").write_text("# docs/a.md §2.7 and docs/a.md section 2 resolve; docs/a.md §2.8 does not,\n"
-                                   "# nor docs/missing.md §1\n# " + PRIVATE_NOTES[0] + " section 2\n")
+    a, missing = "docs/a" + ".md", "docs/missing" + ".md"  # split, so this file cites nothing itself
+    (tmp_path / "x.py").write_text(f"# {a} §2.7 and {a} section 2 resolve; {a} §2.8 does not,\n"
+                                   f"# nor {missing} §1\n# " + PRIVATE_NOTES[0] + " section 2\n")
     (tmp_path / ".ci").mkdir()
     (tmp_path / ".ci/notes.md").write_text(PRIVATE_NOTES[0] + "\n")
     files = ["docs/README.md", "docs/a.md", "docs/b.md", "x.py", ".ci/notes.md"]
