@@ -85,7 +85,7 @@ def test_bad_state(params):
 
 
 def test_unknown_backend(params):
-    with pytest.raises(ValueError, match="unknown engine \(impl\) 'fast'.*numpy"):
+    with pytest.raises(ValueError, match=r"unknown engine \(impl\) 'fast'.*numpy"):
         minirwkv.forward(params, np.array([[1]]), impl="fast")
 
 
@@ -94,3 +94,27 @@ def test_bad_config():
         ModelConfig(vocab_size=10, n_embd=0, n_layer=1)
     with pytest.raises(ValueError, match="needs a ModelConfig"):
         minirwkv.init_params({"vocab_size": 3})
+
+
+def test_paths_name_the_option_the_path_and_the_fix(tmp_path):
+    from minirwkv.paths import existing_file, output_file, output_folder
+
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert existing_file(a_file, "--in", "a text file", "a.txt") == a_file
+    with pytest.raises(ValueError, match=rf"^--in {tmp_path}: is a folder; pass a text file such as {tmp_path}/a.txt$"):
+        existing_file(tmp_path, "--in", "a text file", "a.txt")
+    with pytest.raises(ValueError, match=r"^--in .*nope.txt: no such file; pass a text file; write one first$"):
+        existing_file(tmp_path / "nope.txt", "--in", "a text file", "a.txt", hint="write one first")
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path}: is a folder; pass a file path such as "
+                                         rf"{tmp_path}/o.bin$"):
+        output_file(tmp_path, "--out", "o.bin")
+    with pytest.raises(ValueError, match=rf"^--out {a_file}/x/o.bin: {a_file} is a file, not a folder"):
+        output_file(a_file / "x" / "o.bin", "--out", "o.bin")
+    planned = output_file(tmp_path / "a" / "b" / "o.bin", "--out", "o.bin", make=False)
+    assert not planned.parent.exists()  # a check before long work makes nothing
+    assert output_file(planned, "--out", "o.bin").parent.is_dir()
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        output_folder(a_file, "--out_dir")
+    assert output_folder(tmp_path / "c" / "d", "--out_dir").is_dir()
+

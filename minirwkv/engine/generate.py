@@ -28,6 +28,7 @@ import numpy as np
 from .infer import DEFAULT_CHUNK, ReferenceRunner, RNNRunner, broadcast_state, load_state, save_state
 from .sampling import SamplingConfig, make_rng, sample
 from ..devices import is_cupy
+from ..paths import existing_file, output_file
 
 REPLACEMENT = "\ufffd"  # what decode shows for bytes that are not (yet) a whole UTF-8 character
 
@@ -242,36 +243,55 @@ def _check_count(max_new_tokens):
 # minirwkv sample
 # ---------------------------------------------------------------------------------------------------------------
 
+DEFAULT_CHECKPOINT = "out/best.ckpt"  # where `minirwkv train` with its defaults leaves the best model
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser):
-    """The options of ``minirwkv sample``."""
-    parser.add_argument("--checkpoint", default="out/best.ckpt",
+    """The options of ``minirwkv sample``, spelled with underscores (the command line also takes hyphens)."""
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help="a minirwkv checkpoint (written by minirwkv train / convert) or an official RWKV-4 .pth")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text to continue; repeat for several prompts, sampled as one batch "
                              "(default: one empty prompt, which starts from a newline)")
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set of mass >= p")
-    parser.add_argument("--presence-penalty", type=float, default=0.0,
+    parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy; finite, >= 0")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="nucleus: keep the smallest set of mass >= p; in (0, 1], 1: all")
+    parser.add_argument("--presence_penalty", type=float, default=0.0,
                         help="subtracted from the logit of every token already generated (ChatRWKV alpha_presence)")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+    parser.add_argument("--frequency_penalty", type=float, default=0.0,
                         help="subtracted per occurrence (ChatRWKV alpha_frequency)")
-    parser.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable; not printed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--state-in", default=None,
-                        help="continue from an RNN state saved with --state-out (the prompt is then appended)")
-    parser.add_argument("--state-out", default=None,
-                        help="save the state after the prompt to this .npz, to reuse it for many continuations")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prompt tokens per prefill block")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop at this text (repeatable; not printed; default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (>= 0)")
+    parser.add_argument("--state_in", default=None,
+                        help="continue from an RNN state saved with --state_out (the prompt is then appended)")
+    parser.add_argument("--state_out", default=None,
+                        help="save the state after the prompt to this .npz, to reuse it for many continuations "
+                             "(its folders are made)")
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK, help="prompt tokens per prefill block")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the model runs on the GPU through CuPy (minirwkv.prefill / rnn_step, the CUDA WKV "
                              "kernels); the sampler stays on the host")
     parser.add_argument("--tokenizer", default=None,
                         help="for checkpoints without a tokenizer spec (official .pth): hf (GPT-NeoX 20B "
-                             "tokenizer.json, the Pile models), world (rwkv_vocab_v20230424.txt), gpt2, byte")
-    parser.add_argument("--tokenizer-path", default=None, help="the vocabulary file (or folder) of --tokenizer, or "
+                             "tokenizer.json, the Pile models), world (rwkv_vocab_v20230424.txt), gpt2, byte "
+                             "(default: the checkpoint's)")
+    parser.add_argument("--tokenizer_path", default=None, help="the vocabulary file (or folder) of --tokenizer, or "
                                                                 "where the checkpoint's vocabulary file lives now")
+
+
+def check_sample_options(args) -> SamplingConfig:
+    """Every option of ``minirwkv sample`` that is a number, checked before any file is read; -> the sampling."""
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.presence_penalty,
+                              args.frequency_penalty)
+    _check_count(args.max_new_tokens)
+    make_rng(args.seed)
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk_size must be an integer >= 1 (prompt tokens per prefill block), got "
+                         f"{args.chunk_size}")
+    return sampling
 
 
 def load_model(path, tokenizer_name=None, tokenizer_path=None):
@@ -281,6 +301,9 @@ def load_model(path, tokenizer_name=None, tokenizer_path=None):
     from ..tokenizers.core import get_tokenizer, tokenizer_from_spec
 
     spec = None
+    existing_file(path, "--checkpoint", "a checkpoint file", _checkpoint_in(path),
+                  hint=f"`minirwkv train` writes {DEFAULT_CHECKPOINT} (and OUT_DIR/best.ckpt with --out_dir), "
+                       f"`minirwkv convert` turns an official .pth into one")
     if _is_minirwkv_checkpoint(path):
         ckpt = load_checkpoint(path)
         params = {k: np.asarray(a, dtype=np.float32) for k, a in ckpt.params.items()}
@@ -315,6 +338,15 @@ def to_device(params: dict) -> dict:
         raise ValueError(f"--device cuda: no usable CUDA device ({e}); use --device cpu") from None
 
 
+def _checkpoint_in(folder) -> str:
+    """The checkpoint to suggest when a run folder is passed for a file: best.ckpt, else last.ckpt if only it is
+    there."""
+    from pathlib import Path
+
+    return "last.ckpt" if (Path(folder) / "last.ckpt").exists() and not (Path(folder) / "best.ckpt").exists() \
+        else "best.ckpt"
+
+
 def _is_minirwkv_checkpoint(path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -326,9 +358,12 @@ def _is_minirwkv_checkpoint(path) -> bool:
 def run_sample(args) -> int:
     """``minirwkv sample``: stream one prompt's continuation to stdout; several prompts are printed when done."""
     try:
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.presence_penalty,
-                                  args.frequency_penalty)
-        _check_count(args.max_new_tokens)
+        sampling = check_sample_options(args)
+        if args.state_in:
+            existing_file(args.state_in, "--state_in", "a state file", "state.npz",
+                          hint="write one with --state_out (or minirwkv.engine.infer.save_state)")
+        if args.state_out:
+            output_file(args.state_out, "--state_out", "state.npz", make=False)  # made after the prompt
         params, tokenizer = load_model(args.checkpoint, args.tokenizer, args.tokenizer_path)
         prompts = args.prompt or [""]
         state, logits = load_state(args.state_in) if args.state_in else (None, None)
@@ -338,7 +373,7 @@ def run_sample(args) -> int:
             runner = RNNRunner(params, batch_size=len(prompts), chunk_size=args.chunk_size)
         first = start(runner, encode_prompts(tokenizer, prompts, continuing=state is not None), state, logits)
         if args.state_out:
-            save_state(args.state_out, runner.get_state(), first)
+            save_state(output_file(args.state_out, "--state_out", "state.npz"), runner.get_state(), first)
         pieces = continue_from(runner, tokenizer, first, args.max_new_tokens, sampling, make_rng(args.seed),
                                args.stop)
         if len(prompts) == 1:

@@ -149,11 +149,11 @@ def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys):
 
     ckpt = tmp_path / "tiny.ckpt"
     save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
-    common = ["--checkpoint", str(ckpt), "--max-new-tokens", "12", "--seed", "5"]
-    assert run_sample(_args(*common, "--prompt", "Hello", "--state-out", str(tmp_path / "s.npz"))) == 0
+    common = ["--checkpoint", str(ckpt), "--max_new_tokens", "12", "--seed", "5"]
+    assert run_sample(_args(*common, "--prompt", "Hello", "--state_out", str(tmp_path / "s.npz"))) == 0
     first = capsys.readouterr().out
     assert first.startswith("Hello")
-    assert run_sample(_args(*common, "--state-in", str(tmp_path / "s.npz"))) == 0
+    assert run_sample(_args(*common, "--state_in", str(tmp_path / "s.npz"))) == 0
     assert "Hello" + capsys.readouterr().out == first  # same continuation, from the saved state
     assert run_sample(_args(*common, "--prompt", "a", "--prompt", "bc", "--stop", "zzz")) == 0
     out = capsys.readouterr().out
@@ -165,11 +165,11 @@ def test_sample_command_errors_are_clear(tmp_path, capsys):
 
     pth = Path(__file__).parents[1] / "fixtures" / "rwkv4_tiny_fp32.pth"
     if pth.exists():
-        assert run_sample(_args("--checkpoint", str(pth), "--max-new-tokens", "3")) == 1
+        assert run_sample(_args("--checkpoint", str(pth), "--max_new_tokens", "3")) == 1
         assert "--tokenizer" in capsys.readouterr().err
     assert run_sample(_args("--checkpoint", str(tmp_path / "missing.ckpt"))) == 1
     assert "error" in capsys.readouterr().err
-    assert run_sample(_args("--checkpoint", "x", "--top-k", "-2")) == 1
+    assert run_sample(_args("--checkpoint", "x", "--top_k", "-2")) == 1
     assert "top_k" in capsys.readouterr().err
 
 
@@ -200,5 +200,34 @@ def test_sample_on_cuda_without_a_gpu_fails_clearly(tmp_path, capsys):
 
     ckpt = tmp_path / "m.ckpt"
     save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
-    assert run_sample(_args("--checkpoint", str(ckpt), "--device", "cuda", "--max-new-tokens", "2")) == 1
+    assert run_sample(_args("--checkpoint", str(ckpt), "--device", "cuda", "--max_new_tokens", "2")) == 1
     assert "pip install 'minirwkv[gpu]'" in capsys.readouterr().err
+
+
+def test_load_model_names_a_folder_or_a_missing_file_and_what_to_pass(tmp_path):
+    from minirwkv.engine.generate import load_model
+    from minirwkv.io.checkpoint import save_checkpoint
+
+    with pytest.raises(ValueError, match=rf"--checkpoint {tmp_path}: is a folder; pass a checkpoint file such as "
+                                         rf"{tmp_path}/best.ckpt$"):
+        load_model(tmp_path)
+    save_checkpoint(tmp_path / "last.ckpt", PARAMS, meta={"tokenizer": TOK.spec()})
+    with pytest.raises(ValueError, match=r"such as .*/last.ckpt$"):  # the checkpoint that is there
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"best.ckpt: no such file; pass a checkpoint file; `minirwkv train` writes"):
+        load_model(tmp_path / "best.ckpt")
+    assert load_model(tmp_path / "last.ckpt")[1].name == "byte"
+
+
+def test_sample_options_are_checked_before_any_file(tmp_path, capsys):
+    from minirwkv.engine.generate import check_sample_options
+
+    assert check_sample_options(_args("--temperature", "0", "--top_k", "3")).greedy
+    for argv, key in [(["--temperature", "nan"], "temperature"), (["--top_p", "inf"], "top_p"),
+                      (["--presence_penalty", "nan"], "presence_penalty"), (["--seed", "-3"], "seed"),
+                      (["--chunk_size", "-1"], "chunk_size")]:
+        with pytest.raises(ValueError, match=key):
+            check_sample_options(_args(*argv))
+        state = tmp_path / "new" / "s.npz"
+        assert run_sample(_args(*argv, "--checkpoint", str(tmp_path), "--state_out", str(state))) == 1
+        assert key in capsys.readouterr().err and not state.parent.exists()  # nothing read, nothing made
