@@ -2,7 +2,7 @@
 //
 // A direct transcription of wkv_recurrent_forward / wkv_recurrent_backward in minirwkv/wkv.py, with the same
 // variable names (aa, bb, pp, ww, q, e1, e2; dA, dB, s, r, pa, qa, rho). The math and its derivation: wkv.py and
-// docs/wkv.md; the official kernel it mirrors: BlinkDL/RWKV-LM RWKV-v4neo/cuda/wkv_cuda.cu (rwkv4-math section 3).
+// docs/wkv.md; the official kernel it mirrors: BlinkDL/RWKV-LM RWKV-v4neo/cuda/wkv_cuda.cu (docs/rwkv4.md §3).
 //
 // Version ladder (as in llm.c dev/cuda: each version is checked against the reference, then timed by gpu_check.py)
 //   v1  this file. One thread per (b, c) walks t = 0..T-1. Exact exp (no fast-math). The backward keeps s and r
@@ -26,7 +26,7 @@
 // Float type: one template for float and double. exp is the accurate overload (expf for float, exp for double),
 // also in float32: no --use_fast_math and no __expf. __expf is cheaper but a few ulp less accurate, and the kernel
 // is bound by memory and latency, not arithmetic, so the accurate exp costs little and keeps float32 within 1e-5
-// of the float64 reference (rwkv4-math section 3.6). Every exp argument is <= 0, so nothing overflows.
+// of the float64 reference (docs/rwkv4.md §3.6). Every exp argument is <= 0, so nothing overflows.
 //
 // Under nvcc or NVRTC this file needs no #include. For a host C++ compiler, kernels/cuda_shim.h defines
 // __global__, threadIdx, ... and kernels/cuda_shim.cpp includes both (the CPU shim of backends/shim_wkv.py).

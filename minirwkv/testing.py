@@ -124,7 +124,7 @@ def make_wkv_inputs(B, T, C, seed=0, k_scale=3.0, dtype=np.float64, theta=(-8.0,
 
 
 def init_like_wkv_inputs(B, T, C, seed=0, dtype=np.float64) -> WKVInputs:
-    """Inputs like a freshly initialised layer 0 (rwkv4-math 5.1): theta ramp -5..3, u = ln 0.3 + zigzag, k ~ N(0, 9)."""
+    """Inputs like a freshly initialised layer 0 (docs/rwkv4.md §5.1): theta ramp -5..3, u = ln 0.3 + zigzag, k ~ N(0, 9)."""
     h = np.arange(C)
     rng = np.random.default_rng(seed)
     frac = h / (C - 1) if C > 1 else np.zeros(C)

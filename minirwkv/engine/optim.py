@@ -1,4 +1,4 @@
-"""AdamW over parameter dicts, global-norm gradient clipping, and the learning-rate schedule (rwkv4-math 5.3).
+"""AdamW over parameter dicts, global-norm gradient clipping, and the learning-rate schedule (docs/rwkv4.md §5.3).
 
 Mirrors what RWKV-LM ``RWKV-v4neo`` trains with: DeepSpeed ``FusedAdam`` with bias correction, betas (0.9, 0.99),
 eps 1e-8, decoupled weight decay on the matrices only (every parameter whose squeezed shape has >= 2 dims, so emb

@@ -13,7 +13,7 @@ The order of ChatRWKV (``rwkv.utils.PIPELINE.generate`` and ``sample_logits``, r
     6. one draw from a numpy.random.Generator (inverse CDF): a seed repeats the whole sequence.
 
 ChatRWKV's ``sample_logits`` on NumPy raises to ``1.0 / temperature`` correctly; the ``RWKV_in_150_lines.py`` demo
-calls ``.pow`` on a NumPy array and fails for temperature != 1 (rwkv4-math section 8), which is why tests check the
+calls ``.pow`` on a NumPy array and fails for temperature != 1 (docs/rwkv4.md §8), which is why tests check the
 distribution at T != 1 against softmax(logits / T). Exclusion is exact: a token removed by top-k or top-p gets
 probability exactly 0, and the inverse-CDF draw never lands on a zero-probability token.
 

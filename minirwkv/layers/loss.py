@@ -40,7 +40,7 @@ def cross_entropy_backward(cache: CrossEntropyCache, dloss=1.0):
 
 
 def l2wrap_backward(logits, factor=1e-4):
-    """L2Wrap (rwkv4-math section 2.7): the extra logits gradient of RWKV-LM's ``L2Wrap``.
+    """L2Wrap (docs/rwkv4.md §2.7): the extra logits gradient of RWKV-LM's ``L2Wrap``.
 
     At each (b, t) the argmax logit gets factor / (B T) times its value; everything else gets 0. It equals the
     gradient of (factor / (2 B T)) * sum_{b,t} max_j logits^2, which is not added to the reported loss. Keeps

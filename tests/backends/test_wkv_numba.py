@@ -1,4 +1,4 @@
-"""The Numba WKV kernels against the NumPy recurrent reference of wkv.py (rwkv4-math 3.2-3.4).
+"""The Numba WKV kernels against the NumPy recurrent reference of wkv.py (docs/rwkv4.md §3.2-3.4).
 
 Kernel == reference in the same dtype (forward y, final state, all four gradients); float32 kernel == float64
 reference to the kernels' accuracy target; carrying the state across two halves == the whole sequence; finite

@@ -1,4 +1,4 @@
-"""The official v4neo initialisation, value by value on small cases (rwkv4-math section 5)."""
+"""The official v4neo initialisation, value by value on small cases (docs/rwkv4.md §5)."""
 import math
 
 import numpy as np

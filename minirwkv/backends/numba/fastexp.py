@@ -160,7 +160,7 @@ def _exp_nonpositive_overload(x):
 def exp_shifted_pair(a, b):
     """(exp(a - q), exp(b - q), q) with q = max(a, b), from ONE exp: the larger argument gives exactly exp(0) = 1.
 
-    The WKV evaluates its exps in such pairs (rwkv4-math 3.2: shift both log-weights by their maximum), so this
+    The WKV evaluates its exps in such pairs (docs/rwkv4.md §3.2: shift both log-weights by their maximum), so this
     halves its exps. Bit-identical to the two exps it replaces: x - x = 0 exactly and a - b = -(b - a) exactly.
     Only callable from Numba code.
     """

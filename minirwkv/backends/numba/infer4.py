@@ -7,7 +7,7 @@ its inputs once and writes its outputs once. The matrix products stay in NumPy's
 
 Every kernel works on (B, T, C) blocks of T consecutive tokens: T = 1 is one RNN step, T > 1 a chunk of a prompt.
 The token shift inside a block reads the previous token of the block, and for t = 0 the ``prev`` (B, C) carried in
-the state (rwkv4-math section 4); the kernels update the state in place (prev, aa, bb, pp) to the block's last token.
+the state (docs/rwkv4.md §4); the kernels update the state in place (prev, aa, bb, pp) to the block's last token.
 
     time_mix_inputs      LN_ln1, the shift and the three mixes of TimeMix       (x -> xk, xv, xr; att_x updated)
     wkv_gate             the WKV recurrence of ``wkv.wkv_step`` and sigmoid(r) * wkv  (aa, bb, pp updated)

@@ -3,7 +3,7 @@ transcribed loop by loop with the same variable names (aa, bb, pp, ww, q, e1, e2
 
 Mirrors the official kernel ``RWKV-v4neo/cuda/wkv_cuda.cu`` (``kernel_forward``, ``kernel_backward``): each (b, c)
 pair is an independent recurrence over t, so the pairs run in parallel and time runs sequentially.
-rwkv4-math sections 3.2 (forward) and 3.4 (backward); design and figures: docs/numba.md.
+docs/rwkv4.md §3.2 (forward) and §3.4 (backward); design and figures: docs/numba.md.
 
 Loop order. The arrays are (B, T, C) C-contiguous, so for one (b, c) pair consecutive time steps lie C elements
 apart. The kernels split the (b, c) pairs into blocks of consecutive channels of one batch row (``block_size``);
@@ -26,7 +26,7 @@ inputs' dtype, allocated by the Python wrapper (``zero_state``), so float32 stay
 constants are typed by the argument's dtype.
 
 Memory. The forward allocates y (B, T, C) and the (B, C) state. The backward stores s and r of every step as in
-the official kernel (rwkv4-math 3.4), as (B, T, C) arrays: 2·B·T·C floats beyond its outputs gk, gv (B, T, C)
+the official kernel (docs/rwkv4.md §3.4), as (B, T, C) arrays: 2·B·T·C floats beyond its outputs gk, gv (B, T, C)
 and a few (B, C) accumulators. No compile-time length (the official kernel's T_MAX): T is any size.
 
 Compilation is lazy (on the first call; importing compiles nothing) and cached on disk (``cache=True``). Numba's
@@ -64,7 +64,7 @@ def block_size(B: int, C: int) -> int:
 @numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
 def _forward_kernel(w, u, k, v, y, aa, bb, pp, block):
     """y[b, t, c] for all t, updating the state (aa, bb, pp) (B, C) in place: on entry the state before the first
-    token, on return the state after the last. Transcribes ``wkv_step`` (rwkv4-math 3.2, official kernel_forward).
+    token, on return the state after the last. Transcribes ``wkv_step`` (docs/rwkv4.md §3.2, official kernel_forward).
     """
     B, T, C = k.shape
     n_blocks = (C + block - 1) // block
@@ -88,7 +88,7 @@ def _forward_kernel(w, u, k, v, y, aa, bb, pp, block):
 
 @numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
 def _backward_kernel(w, u, k, v, y, gy, aa, bb, pp, dA, dB, gw, gu, pa, qa, rho, s, r, gk, gv, block):
-    """Two sweeps of ``wkv_recurrent_backward`` (rwkv4-math 3.4, official kernel_backward), per (b, c) pair.
+    """Two sweeps of ``wkv_recurrent_backward`` (docs/rwkv4.md §3.4, official kernel_backward), per (b, c) pair.
 
     In: w, u (C,); k, v, y, gy (B, T, C); the zero state aa, bb = 0, pp = MIN_VALUE, and dA = dB = gw = gu =
     pa = qa = 0, rho = MIN_VALUE, all (B, C) and overwritten. Out: gw, gu (B, C) per batch row (the caller sums
