@@ -9,8 +9,8 @@
 
 One convention for every command: options are ``--key=value`` or ``--key value``, words joined by underscores
 (``--max_new_tokens``; the hyphen spelling ``--max-new-tokens`` is the same option), a bare ``--flag`` sets a
-boolean to true, and every ``--help`` names the defaults. A mistake in the options is one line, "minirwkv CMD: error: ...",
-and the exit status 1.
+boolean to true, and every ``--help`` names the defaults. A mistake in the options is one line,
+"minirwkv CMD: error: ...", and the exit status 1.
 
 Training configuration: the defaults of ``minirwkv.config.TrainConfig``, then a TOML file's keys, then the
 command line's keys (typed; an unknown key fails with the list of valid ones).
