@@ -212,7 +212,8 @@ def test_path_mistakes_are_one_line_errors(tmp_path, capsys):
          f"--state_out {run}: is a folder; pass a file path such as {run / 'state.npz'}"),
         (["sample", "--checkpoint", str(ckpt), "--state_out", str(a_file / "s.npz")],
          f"{a_file} is a file, not a folder; choose another path"),
-        (["prepare", "--data", str(a_file), "--out", str(a_file)], f"--out {a_file}: is a file; prepare writes a folder"),
+        (["prepare", "--data", str(a_file), "--out", str(a_file)],
+         f"--out {a_file}: is a file; prepare writes a folder"),
         (["plot", str(tmp_path / "nothere")], "no such log; pass a run folder"),
         (["plot", str(run)], f"{run / 'log.jsonl'}: no such log"),
     ]
@@ -258,8 +259,9 @@ def test_an_unforeseen_os_error_is_one_line(monkeypatch, capsys):
 
 # --- numbers fail when parsed, before anything is read or written -------------------------------------------------
 
-@pytest.mark.parametrize("flag, key", [("--learning_rate=nan", "learning_rate"), ("--learning-rate=inf", "learning_rate"),
-                                       ("--beta2=1", "beta2"), ("--eps=0", "eps"), ("--max_seconds=-1", "max_seconds"),
+@pytest.mark.parametrize("flag, key", [("--learning_rate=nan", "learning_rate"),
+                                       ("--learning-rate=inf", "learning_rate"), ("--beta2=1", "beta2"),
+                                       ("--eps=0", "eps"), ("--max_seconds=-1", "max_seconds"),
                                        ("--grad_clip=nan", "grad_clip"), ("--weight_decay=-1", "weight_decay")])
 def test_train_refuses_bad_numbers_before_touching_anything(tmp_path, capsys, monkeypatch, flag, key):
     import minirwkv.engine.train as train_module
