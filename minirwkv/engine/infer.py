@@ -151,6 +151,30 @@ class _Runner:
         """A copy of the current state (B sequences)."""
         return self.state.copy()
 
+    def _check_step(self, tokens) -> np.ndarray:
+        """One token per sequence, as an array: checked at this public edge, not in the per-layer loop."""
+        tokens = np.asarray(tokens)
+        check_tokens(tokens, self.config.vocab_size, np, name="tokens", ndim=1)
+        if tokens.shape[0] != self._B:
+            raise ValueError(f"tokens has {tokens.shape[0]} entries, the runner's batch size is {self._B}; "
+                             f"use runner.resize(n) to change it")
+        return tokens
+
+    def _check_prompts(self, prompts, rows) -> tuple[list[np.ndarray], list[int]]:
+        """``prompts`` (a (B, T) array or a list of 1-D arrays) and ``rows`` (default all) checked -> (list of
+        1-D token arrays, list of distinct row indices), one row per prompt."""
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+            prompts = list(prompts)
+        prompts = [np.asarray(p) for p in prompts]
+        rows = list(range(self._B)) if rows is None else [int(r) for r in rows]
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows: give one prompt per row")
+        if any(not 0 <= r < self._B for r in rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"rows must be distinct indices in [0, {self._B}), got {rows}")
+        for i, p in enumerate(prompts):
+            check_tokens(p, self.config.vocab_size, np, name=f"prompts[{i}]", ndim=1)
+        return prompts, rows
+
 
 class RNNRunner(_Runner):
     """RWKV-4 in RNN mode for ``batch_size`` sequences at once, on the CPU (NumPy arrays, float32 or float64).
@@ -222,11 +246,7 @@ class RNNRunner(_Runner):
 
     def step(self, tokens) -> np.ndarray:
         """One token per sequence: tokens (B,) int -> logits (B, V) (a new array), the state advanced."""
-        tokens = np.asarray(tokens)
-        check_tokens(tokens, self.config.vocab_size, np, name="tokens", ndim=1)
-        if tokens.shape[0] != self._B:
-            raise ValueError(f"tokens has {tokens.shape[0]} entries, the runner's batch size is {self._B}; "
-                             f"use runner.resize(n) to change it")
+        tokens = self._check_step(tokens)
         return self._run(tokens[:, None], self.state.layers).copy()
 
     def prefill(self, prompts, rows=None) -> np.ndarray:
@@ -236,16 +256,7 @@ class RNNRunner(_Runner):
 
         Prompts of equal length run together as one batch; each group continues from its rows' current state.
         """
-        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-            prompts = list(prompts)
-        prompts = [np.asarray(p) for p in prompts]
-        rows = list(range(self._B)) if rows is None else [int(r) for r in rows]
-        if len(rows) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows: give one prompt per row")
-        if any(not 0 <= r < self._B for r in rows) or len(set(rows)) != len(rows):
-            raise ValueError(f"rows must be distinct indices in [0, {self._B}), got {rows}")
-        for i, p in enumerate(prompts):
-            check_tokens(p, self.config.vocab_size, np, name=f"prompts[{i}]", ndim=1)
+        prompts, rows = self._check_prompts(prompts, rows)
         logits = np.empty((len(prompts), self.config.vocab_size), self.dtype)  # (n, V)
         by_length = {}
         for i, p in enumerate(prompts):
@@ -344,11 +355,7 @@ class ReferenceRunner(_Runner):
 
     def step(self, tokens) -> np.ndarray:
         """tokens (B,) int -> logits (B, V) on the host; the state advanced (the model's RNN step)."""
-        tokens = np.asarray(tokens)
-        check_tokens(tokens, self.config.vocab_size, np, name="tokens", ndim=1)
-        if tokens.shape[0] != self._B:
-            raise ValueError(f"tokens has {tokens.shape[0]} entries, the runner's batch size is {self._B}; "
-                             f"use runner.resize(n) to change it")
+        tokens = self._check_step(tokens)
         logits, self.state = self.model.step(self.params, self._xp.asarray(tokens), self.state)
         if not bool(self._xp.isfinite(logits).all()):
             raise FloatingPointError("ReferenceRunner produced non-finite logits: the parameters or the state "
@@ -358,14 +365,7 @@ class ReferenceRunner(_Runner):
     def prefill(self, prompts, rows=None) -> np.ndarray:
         """Each row's prompt in one parallel pass from its row's state (the model's forward). -> logits (n, V)."""
         xp = self._xp
-        prompts = [np.asarray(p) for p in (list(prompts) if not isinstance(prompts, np.ndarray) else prompts)]
-        rows = list(range(self._B)) if rows is None else [int(r) for r in rows]
-        if len(rows) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows: give one prompt per row")
-        if any(not 0 <= r < self._B for r in rows) or len(set(rows)) != len(rows):
-            raise ValueError(f"rows must be distinct indices in [0, {self._B}), got {rows}")
-        for i, p in enumerate(prompts):
-            check_tokens(p, self.config.vocab_size, np, name=f"prompts[{i}]", ndim=1)
+        prompts, rows = self._check_prompts(prompts, rows)
         out = np.empty((len(prompts), self.config.vocab_size), self.dtype)  # (n, V)
         for i, (row, ids) in enumerate(zip(rows, prompts)):
             mine = State(tuple(LayerState(*(a[row:row + 1] for a in s)) for s in self.state.layers))
