@@ -135,8 +135,6 @@ def test_every_docs_page_is_in_the_index(files):
     assert unindexed_pages(ROOT, files) == []
 
 
-@pytest.mark.xfail(strict=True, reason="older pages (backward, benchmarks, distributed, inference, kernels, numba, "
-                   "tokenizers, training, wkv) still name pre-reorganisation paths such as minirwkv/wkv.py")
 def test_every_module_path_in_the_docs_exists(files):
     assert missing_module_paths(ROOT, files) == []
 
