@@ -66,6 +66,12 @@ def main(argv=None) -> int:
 def train_config(argv: list[str]) -> TrainConfig:
     """Defaults <- ``--config FILE.toml`` <- the command line: ``--key=value`` or ``--key value``, hyphens read as
     underscores; a bare ``--flag`` sets a boolean key to true (``--flag false`` sets it to false)."""
+    return train_config_and_keys(argv)[0]
+
+
+def train_config_and_keys(argv: list[str]) -> tuple[TrainConfig, set]:
+    """``train_config``, and the keys the user gave (in the TOML file or on the command line): a resumed run takes
+    only those of them that may change (config.RESUME_SAFE_KEYS), and refuses the others if they differ."""
     types = field_types(TrainConfig)
     overrides, config_path = {}, None
     i = 0
@@ -94,7 +100,7 @@ def train_config(argv: list[str]) -> TrainConfig:
             config_path = value
         else:
             overrides[key] = value
-    config = TrainConfig()
+    config, table = TrainConfig(), {}
     if config_path is not None:
         try:
             with open(config_path, "rb") as f:
@@ -105,7 +111,8 @@ def train_config(argv: list[str]) -> TrainConfig:
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"--config {config_path}: not valid TOML ({e})") from None
         config = apply_overrides(config, table)
-    return apply_overrides(config, overrides)
+    explicit = {k.replace("-", "_") for k in (*table, *overrides)}
+    return apply_overrides(config, overrides), explicit
 
 
 def show(value) -> str:
@@ -134,9 +141,9 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from .engine.train import NonFiniteLoss, train
 
-    config = train_config(argv)
+    config, explicit = train_config_and_keys(argv)
     try:
-        result = train(config)
+        result = train(config, explicit=explicit)
     except NonFiniteLoss as e:
         if launched_rank() == 0:  # under mpiexec every rank stops at the same step; rank 0 reports it
             print(f"minirwkv train: {e}", file=sys.stderr)

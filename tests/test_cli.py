@@ -38,7 +38,7 @@ def test_unknown_key_and_bad_arguments_fail_clearly(tmp_path, capsys):
     bad.write_text("n_layer = [")
     assert cli.main(["train", "--config", str(bad)]) == 1
     assert "not valid TOML" in capsys.readouterr().err
-    assert cli.main(["train", "--data=" + str(tmp_path / "missing.txt")]) == 1
+    assert cli.main(["train", "--data=" + str(tmp_path / "missing.txt"), "--out_dir=" + str(tmp_path / "run")]) == 1
     assert "no such file" in capsys.readouterr().err
 
 

@@ -27,14 +27,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import optim
-from ..io.atomic import atomic_write
-from ..backends.engine import make_engine
+from ..config import RESUME_SAFE_KEYS
+from ..io.atomic import atomic_write, remove_orphan_temps
+from ..paths import output_folder
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from .data import check_splits, get_batch, load_dataset, shard_rows
 from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
                           init_world, on_root, threads_per_rank)
-from ..api import config_from_params, forward, init_params, loss_and_grads
+from ..api import config_from_params, init_params, model_for
 from ..layers import cross_entropy_forward
 from ..tokenizers.core import tokenizer_from_spec
 from ..devices import to_numpy as _to_numpy
@@ -105,7 +106,10 @@ class Logger:
     """Plain progress lines on stdout, a progress bar on stderr only when it is a terminal, records in log.jsonl."""
 
     def __init__(self, path: Path, max_iters: int, echo: Callable = print):
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self.file = open(path, "a")
+        if torn:  # the last line was cut by a full disk or a kill: readers skip it, and the next record starts afresh
+            self.file.write("\n")
         self.max_iters = max_iters
         self.echo = echo
         self.bar = sys.stderr.isatty()
@@ -151,12 +155,13 @@ def quiet(*args):
     pass
 
 
-def evaluate(params: dict, val: np.ndarray, config: TrainConfig, impl: str, xp) -> float:
-    """Mean loss over eval_iters fixed validation batches (stream 1 of the seed), the same at every evaluation."""
+def evaluate(model, params: dict, val: np.ndarray, config: TrainConfig, xp) -> float:
+    """Mean loss over eval_iters fixed validation batches (stream 1 of the seed), the same at every evaluation.
+    ``model``: the minirwkv.api.Model the run checked once at setup."""
     losses = []
     for i in range(config.eval_iters):
         x, y = get_batch(val, config.block_size, config.batch_size, config.seed, i, stream=1)
-        logits = forward(params, xp.asarray(x), impl=impl)  # (B, T, V)
+        logits, _, _ = model.forward(params, xp.asarray(x))  # (B, T, V)
         losses.append(cross_entropy_forward(logits, xp.asarray(y))[0])
     return float(np.mean(losses))
 
@@ -190,13 +195,62 @@ def resume_state(path: Path, config: TrainConfig, xp):
     return TrainState(params, opt), ckpt.meta
 
 
-def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable = print, world=None) -> TrainResult:
+def non_default_keys(config: TrainConfig) -> set:
+    """The keys of ``config`` that differ from TrainConfig's defaults: what a caller set, when it does not say."""
+    defaults = TrainConfig()
+    return {k for k, v in config.to_dict().items() if v != getattr(defaults, k)}
+
+
+def resume_config(given: TrainConfig, saved: dict, explicit: set) -> tuple[TrainConfig, list[str]]:
+    """The configuration a resumed run continues with, and the notes to print about it.
+
+    Every key comes from the run's checkpoint (``saved``, its meta["train"]), except the keys of RESUME_SAFE_KEYS
+    that were given (``explicit``). A given key outside that set that differs from the saved value would change the
+    model, the data or the optimizer: refused, naming every such key with both values.
+    """
+    fields = set(given.to_dict())
+    differing = sorted(k for k in explicit if k in saved and k in fields and k not in RESUME_SAFE_KEYS
+                       and saved[k] != getattr(given, k))
+    if differing:
+        pairs = ", ".join(f"{k} (saved {saved[k]!r}, given {getattr(given, k)!r})" for k in differing)
+        raise ValueError(f"--resume continues the saved run, but these settings differ from it: {pairs}; drop them, "
+                         f"or start a new run with another --out_dir")
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({k: getattr(given, k) for k in RESUME_SAFE_KEYS & fields if k in explicit})
+    values.update(out_dir=given.out_dir, resume=True, overwrite=False)
+    config = TrainConfig(**values)
+    notes = []
+    if config.max_iters != saved.get("max_iters", config.max_iters):
+        notes.append(f"max_iters changed from {saved['max_iters']} to {config.max_iters}: the learning-rate schedule "
+                     f"follows max_iters, so from here the run is no longer bit-identical to one that never stopped")
+    return config, notes
+
+
+def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable = print, world=None,
+          explicit: set | None = None) -> TrainResult:
     """Train as ``config`` says; ``on_step(step, loss)`` is called after every update (tests raise from it).
 
-    ``world``: the processes training together; by default ``init_world(config.distributed)`` decides (one process
-    unless launched by mpiexec). Tests pass a fake.
+    With ``config.resume`` the run saved in out_dir continues with its own configuration (``resume_config``);
+    ``explicit`` names the keys the user gave (the command line passes them; default: those that differ from
+    TrainConfig's defaults). ``world``: the processes training together; by default ``init_world(config.distributed)``
+    decides (one process unless launched by mpiexec). Tests pass a fake.
     """
+    notes = []
+    if config.resume:
+        last = Path(config.out_dir) / LAST
+        if not last.exists():
+            raise ValueError(f"--resume: no {last} to resume from; train once without --resume first")
+        try:
+            saved = load_checkpoint(last).meta.get("train")
+        except ValueError as e:
+            raise ValueError(f"cannot resume from {last}: {e}") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"cannot resume from {last}: it was not written by minirwkv train (no train settings "
+                             f"in its metadata); start a new run in another out_dir")
+        config, notes = resume_config(config, saved, non_default_keys(config) if explicit is None else set(explicit))
     world = init_world(config.distributed, config.device) if world is None else world
+    for note in notes if world.rank == 0 else ():
+        echo(f"note: {note}")
     with blas_threads(config.blas_threads if config.device == "cpu" else 0), threads_per_rank(world):
         return _train(config, on_step, echo if world.rank == 0 else quiet, world)
 
@@ -208,7 +262,8 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
     # every rank sets up, and all stop together when one cannot (a file only one of them misses)
     with agree(world):
         shard_rows(config.batch_size, world.rank, world.size)  # the global batch must split evenly
-        state, meta, data, tokenizer, backend, model_config = _setup(config, out, root)
+        state, meta, data, tokenizer, model, model_config = _setup(config, out, root)
+    backend = model.engine.name
     xp = array_module(config.device)
     if world.size > 1:  # every rank starts from rank 0's parameters and moments, whatever each loaded
         params, m, v = broadcast_state(world, state.params, state.opt.m, state.opt.v, xp)
@@ -234,6 +289,8 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     log = Logger(out / "log.jsonl", config.max_iters, echo) if root else NullLogger()
+    if config.resume:  # readers replace what an earlier segment logged after this step (tools/plot.read_log)
+        log.record(kind="resume", step=state.opt.step, elapsed=round(elapsed_before, 3))
     tokens_per_step = config.batch_size * config.block_size  # the global batch, over all ranks
     layout = flat_layout(state.params) if world.size > 1 else None  # the gradients' places in the flat buffer
     budget = config.max_seconds if config.max_seconds > 0 else math.inf
@@ -243,7 +300,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
         return time.perf_counter() - t_start
 
     def evaluate_and_save():  # rank 0 only
-        val_loss = evaluate(state.params, data.val, config, backend, xp)
+        val_loss = evaluate(model, state.params, data.val, config, xp)
         log.record(kind="eval", step=state.opt.step, elapsed=round(elapsed_before + elapsed(), 3), val_loss=val_loss)
         log.line(f"step {state.opt.step}: val loss {val_loss:.4f} ({elapsed_before + elapsed():.0f} s)")
         improved = val_loss < best_val
@@ -271,8 +328,9 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
             if step % config.eval_interval == 0 and not (config.resume and step == meta.get("step")
                                                          and "val_loss" in meta):
                 do_eval()
-            stop = elapsed() + 1.5 * eval_seconds + step_seconds >= budget  # room for one more step and the eval
-            progress = None if budget == math.inf else elapsed() / budget
+            spent = elapsed_before + elapsed()  # the budget covers the whole run, over all its resumed segments
+            stop = spent + 1.5 * eval_seconds + step_seconds >= budget  # room for one more step and the eval
+            progress = None if budget == math.inf else min(spent / budget, 1.0)
             if world.size > 1 and budget != math.inf:  # rank 0's clock decides, so every rank stops together
                 stop, progress = world.bcast((stop, progress))
             if stop:
@@ -284,8 +342,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
             x, y = get_batch(data.train, config.block_size, config.batch_size, config.seed, step,
                              rank=world.rank, world_size=world.size)  # (B/N, T) this rank's share
             try:
-                loss, grads = loss_and_grads(state.params, xp.asarray(x), xp.asarray(y), impl=backend,
-                                             l2wrap=config.l2wrap)
+                loss, grads = model.loss_and_grads(state.params, xp.asarray(x), xp.asarray(y), l2wrap=config.l2wrap)
             except FloatingPointError as e:
                 if world.size == 1:
                     raise _non_finite(step, str(e), out) from None
@@ -296,7 +353,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise _non_finite(step, f"loss {loss}, gradient norm {norm}", out)
             params, opt = optim.adamw_step(state.params, grads, state.opt, lr, (config.beta1, config.beta2),
-                                           config.eps, config.weight_decay, fused=backend == "numba")
+                                           config.eps, config.weight_decay, fused=model.engine.adamw_update is not None)
             state = TrainState(params, opt)  # one assignment: Ctrl-C sees the old pair or the new one
             step_seconds = time.perf_counter() - t_step
             window_loss, window_steps = window_loss + loss, window_steps + 1
@@ -333,8 +390,14 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
 
 def _setup(config: TrainConfig, out: Path, root: bool):
     """(TrainState, checkpoint meta, Dataset, tokenizer, WKV backend name, ModelConfig) of a new or resumed run."""
+    output_folder(out, "--out_dir", make=False)  # a file in the way: one line, before anything is touched
+    held = [name for name in (LAST, BEST) if (out / name).exists()]
+    if held and not config.resume and not config.overwrite:
+        raise ValueError(f"--out_dir {out} already holds a run ({', '.join(held)}); continue it with --resume=true, "
+                         f"start a new one with another --out_dir, or replace it with --overwrite=true")
     if root:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(out)  # what a killed checkpoint write left behind
     xp = array_module(config.device)
 
     # --- resume: the checkpoint fixes the tokenizer, the weights and the optimizer state -----------------------
@@ -364,8 +427,11 @@ def _setup(config: TrainConfig, out: Path, root: bool):
     elif state.params["emb.weight"].shape[0] != tokenizer.vocab_size:
         raise ValueError(f"--resume: the checkpoint's vocabulary ({state.params['emb.weight'].shape[0]}) differs "
                          f"from its tokenizer's ({tokenizer.vocab_size}): a corrupt checkpoint")
-    backend = make_engine(config.impl, config.device).name
-    return state, meta, data, tokenizer, backend, model_config
+    model = model_for(state.params, config.impl)  # validated once; the loop calls the unchecked Model
+    if config.overwrite and root:  # the old run's files go now, so the new log and checkpoints are all this run's
+        for name in (LAST, BEST, "log.jsonl", "loss.png"):
+            (out / name).unlink(missing_ok=True)
+    return state, meta, data, tokenizer, model, model_config
 
 
 def _non_finite(step: int, what: str, out: Path) -> NonFiniteLoss:

@@ -7,6 +7,7 @@ loop prints it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 
@@ -15,11 +16,25 @@ class PlotUnavailable(RuntimeError):
 
 
 def read_log(path) -> list[dict]:
-    """The records of a ``log.jsonl``: {"kind": "train" | "eval", "step", "elapsed", ...} per line."""
+    """The records of ONE run in a ``log.jsonl``: {"kind": "train" | "eval" | "resume", "step", ...} per line.
+
+    A line that is not whole JSON (a write torn by a full disk or a kill) is dropped with a warning naming the file.
+    A resumed run logs {"kind": "resume", "step": S}: the records an earlier segment wrote after step S (it ran on
+    past its last checkpoint before it stopped) are replaced by the resumed run's, so the log reads as one run.
+    """
+    path = Path(path)
     records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {number} is not whole JSON (a torn write); skipped", stacklevel=2)
+            continue
+        if record.get("kind") == "resume":
+            records = [r for r in records if r.get("step", 0) <= record["step"]]
+        records.append(record)
     return records
 
 
@@ -37,8 +52,8 @@ def plot_log(log_path, png_path=None) -> Path:
     log_path = Path(log_path)
     png_path = Path(png_path) if png_path else log_path.with_name("loss.png")
     records = read_log(log_path)
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, x in zip(axes, ("step", "elapsed")):
         ax.plot([r[x] for r in train], [r["loss"] for r in train], label="train", alpha=0.7)
