@@ -125,7 +125,6 @@ def test_every_docs_citation_resolves(files):
     assert unresolved_citations(ROOT, files) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the lead rewrites the last citations")
 def test_nothing_cites_the_private_math_notes(files):
     assert private_mentions(ROOT, files) == []
 

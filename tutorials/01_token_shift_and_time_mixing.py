@@ -79,7 +79,7 @@ print("channel 0 (mu = 0) is the previous token:", xk[0, :, 0], "  channel 3 (mu
 # %% [markdown]
 # ## 3. The official init: a ramp across channels and layers
 #
-# RWKV-v4neo initialises the mixes (rwkv4-math section 5.1) with the channel ramp d_i = i / C and, for layer l of L,
+# RWKV-v4neo initialises the mixes (docs/rwkv4.md §5.1) with the channel ramp d_i = i / C and, for layer l of L,
 #
 #     time_mix_k = d^(1 - l/L)      time_mix_v = d^(1 - l/L) + 0.3 l/(L-1)      time_mix_r = d^((1 - l/L) / 2)
 #

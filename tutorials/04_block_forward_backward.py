@@ -50,7 +50,7 @@ for name in model.param_shapes(config):
 # %% [markdown]
 # ## 1. Zero matrices at init, and why a gradient check there is meaningless
 #
-# The official RWKV-v4neo init (rwkv4-math section 5.2) sets five matrices per layer to exactly zero:
+# The official RWKV-v4neo init (docs/rwkv4.md §5.2) sets five matrices per layer to exactly zero:
 # att.key, att.receptance, att.output, ffn.value, ffn.receptance. The reason: with att.output = ffn.value = 0,
 # every block adds exactly zero to the residual stream, so the freshly initialised network is
 # emb -> ln0 -> ln_out -> head, a well-behaved bigram model, and the blocks grow in as training moves those
