@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Tutorial 6: RNN mode, generation and the state
+# # Tutorial 7: RNN mode, generation and the state
 #
 # Tutorials 1-4 ran RWKV in "GPT mode": a whole sequence (B, T) at once, as in training. But everything a block
 # takes from the past goes through two narrow doors:
@@ -8,7 +8,7 @@
 # * the WKV: the past enters only through the running sums a_t, b_t, kept as (aa, bb, pp) (tutorial 2).
 #
 # So the model can also run as an RNN, one token at a time, carrying a fixed-size state: per layer five (B, C)
-# arrays, whatever the length of the text (the paper's "RNN mode", rwkv4-math section 4). That is how RWKV
+# arrays, whatever the length of the text (the paper's "RNN mode", docs/rwkv4.md §4). That is how RWKV
 # generates text: no attention over a growing cache, the same cost for token 10 as for token 10 000.
 #
 # This tutorial trains a tiny model for a few seconds so that its generations mean something, then shows:
@@ -20,25 +20,32 @@
 # 5. saving the state after a prompt and reusing it for two continuations (the same seed gives the same text);
 # 6. a picture of how the state evolves over a text.
 #
-# Code: minirwkv/rnn.py (the readable reference: `init_state`, `rnn_step`, `prefill`), minirwkv/infer.py (the fast
-# `RNNRunner`, `save_state`), minirwkv/sampling.py, minirwkv/generate.py. Design: docs/inference.md.
+# Code: minirwkv/rwkv4/rnn.py (the readable reference: `init_state`, `rnn_step`, `prefill`), minirwkv/engine/infer.py
+# (the fast `RNNRunner`, `save_state`), minirwkv/engine/sampling.py, minirwkv/engine/generate.py. Design:
+# docs/inference.md.
 
 # %%
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 import minirwkv
+from minirwkv.backends.engine import make_engine
+from minirwkv.config import TrainConfig
 from minirwkv.engine.generate import generate_text
 from minirwkv.engine.infer import RNNRunner, load_state, save_state
 from minirwkv.rwkv4.state import LayerState
+from minirwkv.engine.train import train
 from minirwkv.tokenizers.core import ByteTokenizer
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
 OUT = out_dir()
-checks = Checks("Tutorial 6: RNN mode")
+checks = Checks("Tutorial 7: RNN mode")
 np.set_printoptions(precision=4, suppress=True, linewidth=120)
 
 # %% [markdown]
@@ -50,51 +57,38 @@ np.set_printoptions(precision=4, suppress=True, linewidth=120)
 # "dog ... log"), so to finish a sentence the model must remember its animal for a dozen tokens: in RNN mode, that
 # memory can live nowhere but in the state.
 #
-# The training loop is written out: `minirwkv.loss_and_grads` returns the mean cross-entropy and a gradient for
-# every parameter (a dict with the parameters' keys), and Adam updates each tensor. We work in float64 so that the
-# comparisons below can use the tight float64 tolerance; the WKV backend is the NumPy reference ("numpy"), which
-# compiles nothing.
+# The training is the library's trainer, `minirwkv.engine.train.train(TrainConfig(...))` (tutorials 5 and 6), on
+# that text saved as a file, in a fresh temporary out_dir. We work in float64 (`dtype="float64"`) so that the
+# comparisons below can use the tight float64 tolerance. The engine is the NumPy reference ("numpy", which
+# compiles nothing): the trainer makes it from the name, once, at the edge; below, we make the same engine with
+# `make_engine("numpy")` and pass it to every call that runs the model in parallel.
 
 # %%
 tokenizer = ByteTokenizer()
 sentences = ["the cat sat on the mat.", "the dog sat on the log.", "the hen sat on the pen.", "a fox ran to a box."]
 text = " ".join(sentences[i % 4] for i in np.random.default_rng(0).permutation(200)) + " "
-data = tokenizer.encode(text).astype(np.int64)  # (N,) byte ids
-print(f"training text: {len(data)} bytes, starts {text[:72]!r}")
+print(f"training text: {len(text)} bytes, starts {text[:72]!r}")
 
-config = minirwkv.ModelConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2)
-params = minirwkv.init_params(config, seed=0, dtype=np.float64)
-print(config, f"({sum(p.size for p in params.values())} parameters)")
-
-# %% [markdown]
-# Adam (Kingma & Ba) in six lines: a running mean m of the gradient and a running mean s of its square, both
-# corrected for starting at zero, and a step of lr * m / sqrt(s) per element. Batches are random windows of the
-# text; the target of each position is the next byte.
-
-# %%
-B, T = 8, 32
+work = Path(tempfile.mkdtemp(prefix="07_rnn_mode_", dir=OUT))  # removed at the end of this cell
+(work / "rhymes.txt").write_text(text)
 steps = 30 if QUICK else 150
-lr, beta1, beta2 = 2e-2, 0.9, 0.99
-m = {k: np.zeros_like(p) for k, p in params.items()}
-s = {k: np.zeros_like(p) for k, p in params.items()}
-rng = np.random.default_rng(1)
+train_config = TrainConfig(data=str(work / "rhymes.txt"), tokenizer="byte", n_layer=2, n_embd=32, dtype="float64",
+                           block_size=32, batch_size=8, max_iters=steps, warmup_iters=2, learning_rate=2e-2,
+                           lr_final=2e-3, weight_decay=0.0, eval_interval=steps, eval_iters=2,
+                           log_interval=max(steps // 5, 1), impl="numpy", plot=False, seed=1,
+                           out_dir=str(work / "run"))
 losses = []
 start = time.perf_counter()
-for step in range(1, steps + 1):
-    offsets = rng.integers(0, len(data) - T - 1, B)
-    idx = np.stack([data[o:o + T] for o in offsets])  # (B, T)
-    targets = np.stack([data[o + 1:o + T + 1] for o in offsets])  # (B, T) the next byte at each position
-    loss, grads = minirwkv.loss_and_grads(params, idx, targets, impl="numpy")
-    losses.append(loss)
-    for k in params:
-        m[k] = beta1 * m[k] + (1 - beta1) * grads[k]
-        s[k] = beta2 * s[k] + (1 - beta2) * grads[k] ** 2
-        m_hat, s_hat = m[k] / (1 - beta1 ** step), s[k] / (1 - beta2 ** step)  # undo the bias towards 0
-        params[k] = params[k] - lr * m_hat / (np.sqrt(s_hat) + 1e-8)
-    if step % (steps // 5) == 0:
-        print(f"step {step:4d}  loss {loss:.3f}")
-print(f"{steps} steps in {time.perf_counter() - start:.1f} s; loss {losses[0]:.2f} -> {np.mean(losses[-5:]):.2f} "
-      f"(ln 256 = {np.log(256):.2f} is a uniform guess)")
+result = train(train_config, on_step=lambda step, loss: losses.append(loss))  # on_step: after every update
+shutil.rmtree(work)
+params = result.params  # {official name: float64 array}
+config = minirwkv.config_from_params(params)
+engine = make_engine("numpy")  # the engine of the calls below, chosen once here and passed down
+print(config, f"({sum(p.size for p in params.values())} parameters)")
+print(f"{result.step} steps in {time.perf_counter() - start:.1f} s; loss {losses[0]:.2f} -> "
+      f"{np.mean(losses[-5:]):.2f} (ln 256 = {np.log(256):.2f} is a uniform guess)")
+checks.true("the trainer ran every step, in float64", result.step == steps == len(losses)
+            and all(p.dtype == np.float64 for p in params.values()), f"{result.step} steps")
 checks.true("training lowered the loss", np.mean(losses[-5:]) < 0.5 * losses[0],
             f"{losses[0]:.2f} -> {np.mean(losses[-5:]):.2f}")
 
@@ -140,7 +134,7 @@ checks.true("state: 5 named (B, C) fields per layer",
 idx = tokenizer.encode("the dog sat on the log. the cat sat").astype(np.int64)[None, :].repeat(2, axis=0)
 idx[1, :3] = tokenizer.encode("a f")  # a second sequence, different from the first
 B2, T2 = idx.shape
-logits_gpt = minirwkv.forward(params, idx, impl="numpy")  # (B, T, V)
+logits_gpt = minirwkv.forward(params, idx, impl=engine)  # (B, T, V)
 
 state = minirwkv.init_state(params, B2)
 logits_rnn = np.empty_like(logits_gpt)  # (B, T, V)
@@ -163,7 +157,7 @@ checks.close(f"GPT-mode logits vs RNN steps (T={T2})", logits_rnn, logits_gpt)
 
 # %%
 P = 12  # prompt length
-logits_prompt, state_p = minirwkv.prefill(params, idx[:, :P], impl="numpy")  # (B, P, V) and the state after it
+logits_prompt, state_p = minirwkv.prefill(params, idx[:, :P], impl=engine)  # (B, P, V) and the state after it
 rest = []
 for t in range(P, T2):
     logits_t, state_p = minirwkv.rnn_step(params, idx[:, t], state_p)
@@ -174,14 +168,14 @@ checks.close(f"prefill {P} + {T2 - P} RNN steps vs one parallel run", logits_mix
 state_loop = minirwkv.init_state(params, B2)
 for t in range(P):
     _, state_loop = minirwkv.rnn_step(params, idx[:, t], state_loop)
-_, state_after_prompt = minirwkv.prefill(params, idx[:, :P], impl="numpy")
+_, state_after_prompt = minirwkv.prefill(params, idx[:, :P], impl=engine)
 flat_prefill, flat_loop = state_after_prompt.to_arrays(), state_loop.to_arrays()
 checks.close("state after the prompt: prefill vs RNN loop (every field)",
              np.concatenate([flat_prefill[k].ravel() for k in flat_loop]),
              np.concatenate([flat_loop[k].ravel() for k in flat_loop]))
 
-logits_c1, state_c = minirwkv.prefill(params, idx[:, :5], impl="numpy")  # chunk 1: tokens 0..4
-logits_c2, state_c = minirwkv.prefill(params, idx[:, 5:P], state=state_c, impl="numpy")  # chunk 2 continues it
+logits_c1, state_c = minirwkv.prefill(params, idx[:, :5], impl=engine)  # chunk 1: tokens 0..4
+logits_c2, state_c = minirwkv.prefill(params, idx[:, 5:P], state=state_c, impl=engine)  # chunk 2 continues it
 checks.close("prefill in 2 chunks vs in one", np.concatenate([logits_c1, logits_c2], axis=1), logits_prompt)
 
 # %% [markdown]
@@ -233,7 +227,7 @@ print(f"{n_right} of 4 greedy sentences end with their animal's rhyme")
 prompt = "the dog sat on the log. the"
 runner = RNNRunner(params, batch_size=1)
 last_logits = runner.prefill([tokenizer.encode(prompt)])  # (1, V)
-path = OUT / "06_prompt_state.npz"
+path = OUT / "07_prompt_state.npz"
 save_state(path, runner.get_state(), last_logits)
 saved_state, saved_logits = load_state(path)
 print(f"saved {path.name}: {path.stat().st_size} bytes, fields {list(saved_state.to_arrays())[:5]} ...")
@@ -292,7 +286,7 @@ for j, c in enumerate(channels):
     print(f"channel {c:2d}: decay e^w = {decay[c]:.4f}  aa/bb over the first 8 tokens {ratio[:8, j]}")
 
 # the state after the text, by steps and by prefill (the parallel form computes a_T and b_T directly)
-_, state_par = minirwkv.prefill(params, ids[None, :], impl="numpy")
+_, state_par = minirwkv.prefill(params, ids[None, :], impl=engine)
 checks.close("after the text: aa/bb of layer 0, steps vs prefill",
              state.layers[0].att_aa / state.layers[0].att_bb, state_par.layers[0].att_aa / state_par.layers[0].att_bb)
 steps_a = np.abs(np.diff(ratio, axis=0)).mean(axis=0)  # (4,) mean change per token
@@ -312,9 +306,9 @@ if plt is not None:
     axes[1].set_xlabel("token (after reading it)")
     fig.suptitle("Layer 0 WKV state over a text, four channels from the slowest decay to the fastest")
     fig.tight_layout()
-    fig.savefig(OUT / "06_state_over_text.png", dpi=100)
+    fig.savefig(OUT / "07_state_over_text.png", dpi=100)
     plt.close(fig)
-    print("saved", OUT / "06_state_over_text.png")
+    print("saved", OUT / "07_state_over_text.png")
 
 # %% [markdown]
 # ## Summary
@@ -326,7 +320,7 @@ if plt is not None:
 # * Generation is prefill, then sample / step / sample. A state saved after a prompt replaces the prompt: the same
 #   seed gives the same text as processing the prompt again.
 #
-# Next: tutorial 7, the CUDA kernel that runs the WKV of training on a GPU.
+# Next: tutorial 8, the CUDA kernel that runs the WKV of training on a GPU.
 
 # %%
 checks.report()
