@@ -245,7 +245,8 @@ checks.close("model: every gradient, numpy vs parallel WKV", np.concatenate([gra
 # * Finite differences along random directions check all gradients at once; one direction per tensor checks that
 #   each gradient is filed under the right name.
 #
-# Next (tutorials 5-8): training a tiny model, RNN mode, the CUDA kernel, property-based kernel testing.
+# Next (tutorials 5-9): the data and the optimizer, the training loop with checkpoints and exact resume, RNN mode,
+# the CUDA kernel, property-based kernel testing.
 
 # %%
 checks.report()

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Tutorial 7: the CUDA kernel, read, run on the CPU through a shim, and on a GPU
+# # Tutorial 8: the CUDA kernel, read, run on the CPU through a shim, and on a GPU
 #
 # Training runs the WKV over (B, T, C) arrays, and the NumPy reference of tutorial 2 is a Python loop over T.
 # On a GPU, minirwkv runs the same recurrence as a CUDA kernel, `kernels/wkv4.cu`. This tutorial:
@@ -30,7 +30,7 @@ from minirwkv.testing import init_like_wkv_inputs, make_wkv_inputs
 from _common import Checks
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
-checks = Checks("Tutorial 7: the CUDA kernel")
+checks = Checks("Tutorial 8: the CUDA kernel")
 np.set_printoptions(precision=4, suppress=True, linewidth=120)
 
 KERNELS = files("minirwkv.kernels")
@@ -325,7 +325,7 @@ if gpu is not None:
 #   checks the kernel's arithmetic and indexing against NumPy on any machine: outputs, carried state, gradients.
 # * What needs threads to overlap (races, shared memory, warps) only a GPU can test.
 #
-# Next: tutorial 8, letting hypothesis hunt for the inputs where a kernel goes wrong.
+# Next: tutorial 9, letting hypothesis hunt for the inputs where a kernel goes wrong.
 
 # %%
 checks.report()

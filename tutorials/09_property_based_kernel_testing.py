@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Tutorial 8: property-based kernel testing: plant a bug, watch hypothesis find it and shrink it
+# # Tutorial 9: property-based kernel testing: plant a bug, watch hypothesis find it and shrink it
 #
 # A kernel is tested by comparing it with a reference on some inputs. Which inputs? Hand-picked ones test what its
 # author thought of; random ones (k ~ N(0, 1), say) test the typical case, many times over. The bugs that survive
@@ -29,7 +29,7 @@ from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
 from _common import Checks
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
-checks = Checks("Tutorial 8: property-based kernel testing")
+checks = Checks("Tutorial 9: property-based kernel testing")
 np.set_printoptions(precision=4, suppress=False, linewidth=120)
 
 MAX_EXAMPLES = 60 if QUICK else 300
