@@ -38,6 +38,7 @@ from .distributed import (SingleProcess, agree, average_gradients, broadcast_sta
 from ..api import config_from_params, init_params, model_for
 from ..layers import cross_entropy_forward
 from ..tokenizers.core import tokenizer_from_spec
+from ..devices import module_for_device
 from ..devices import to_numpy as _to_numpy
 
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -64,20 +65,6 @@ class TrainResult(NamedTuple):
     interrupted: bool
     rank: int = 0  # this process's rank in a data-parallel run (0 alone prints and writes files)
     world_size: int = 1  # the number of processes
-
-
-def array_module(device: str):
-    """NumPy for "cpu"; CuPy for "cuda", with a clear error when CuPy or the GPU is missing."""
-    if device == "cpu":
-        return np
-    try:
-        import cupy
-
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # ImportError, or CUDARuntimeError without a driver or GPU
-        raise RuntimeError(f"--device cuda needs CuPy and an NVIDIA GPU ({type(e).__name__}: {e}); install the gpu "
-                           f"extra (pip install 'minirwkv[gpu]') or train with --device cpu") from None
-    return cupy
 
 
 @contextlib.contextmanager
@@ -264,7 +251,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
         shard_rows(config.batch_size, world.rank, world.size)  # the global batch must split evenly
         state, meta, data, tokenizer, model, model_config = _setup(config, out, root)
     backend = model.engine.name
-    xp = array_module(config.device)
+    xp = module_for_device(config.device)
     if world.size > 1:  # every rank starts from rank 0's parameters and moments, whatever each loaded
         params, m, v = broadcast_state(world, state.params, state.opt.m, state.opt.v, xp)
         state = TrainState(params, optim.AdamWState(world.bcast(state.opt.step), m, v))
@@ -398,7 +385,7 @@ def _setup(config: TrainConfig, out: Path, root: bool):
     if root:
         out.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(out)  # what a killed checkpoint write left behind
-    xp = array_module(config.device)
+    xp = module_for_device(config.device)
 
     # --- resume: the checkpoint fixes the tokenizer, the weights and the optimizer state -----------------------
     meta, tokenizer = {}, None

@@ -121,7 +121,7 @@ def test_device_cuda_without_cupy_fails_clearly(tmp_path):
         pytest.skip("CuPy is installed: the error path cannot be reached")
     except ImportError:
         pass
-    with pytest.raises(RuntimeError, match=r"--device cuda needs CuPy and an NVIDIA GPU.*minirwkv\[gpu\]"):
+    with pytest.raises(RuntimeError, match=r"device 'cuda' needs CuPy and an NVIDIA GPU.*minirwkv\[gpu\]"):
         train(tiny(tmp_path, device="cuda"), echo=quiet)
 
 
