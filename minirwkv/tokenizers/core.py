@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from .ids import check_ids, file_sha256  # noqa: F401  (part of this module's interface)
+
 import numpy as np
 
 NAMES = ("byte", "char", "bpe", "gpt2", "world", "hf")
@@ -42,32 +44,6 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str: ...
 
     def spec(self) -> dict: ...
-
-
-def check_ids(ids, vocab_size: int) -> np.ndarray:
-    """``ids`` as a 1-D int64 array, each in [0, vocab_size); a clear ValueError otherwise."""
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise ValueError(f"decode takes a 1-D sequence of integer token ids, got an array of shape {arr.shape} "
-                         f"and dtype {arr.dtype}; decode one sequence (row) at a time")
-    arr = arr.astype(np.int64)
-    bad = np.nonzero((arr < 0) | (arr >= vocab_size))[0]
-    if bad.size:
-        raise ValueError(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is outside this tokenizer's "
-                         f"vocabulary [0, {vocab_size}); was the model trained with another tokenizer? Rebuild the "
-                         f"tokenizer from the checkpoint's spec with tokenizer_from_spec")
-    return arr
-
-
-def file_sha256(path) -> str:
-    """The sha256 hex digest of a file: what a spec remembers of a vocabulary file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import check_ids, file_sha256
+from .ids import check_ids, file_sha256
 
 _ID = 256  # the key under which a trie node stores its token id: never a byte value (0..255)
 
