@@ -167,7 +167,7 @@ _BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
 _TRAIN_RANGES = {
     **dict.fromkeys(("n_layer", "n_embd", "dim_ffn", "block_size", "batch_size", "eval_interval", "eval_iters",
                      "log_interval"), _AT_LEAST_1),
-    **dict.fromkeys(("max_iters", "warmup_iters", "sample_tokens", "seed", "blas_threads", "lr_final",
+    **dict.fromkeys(("max_iters", "warmup_iters", "sample_tokens", "seed", "threads", "lr_final",
                      "weight_decay", "grad_clip", "max_seconds"), _AT_LEAST_0),
     "bpe_vocab_size": (lambda v: v >= 256, ">= 256 (the 256 byte tokens plus the merges)"),
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -194,7 +194,7 @@ def check_train_tokenizer(name: str) -> None:
 # is no longer bit-identical to one that never stopped, and train says so.
 RESUME_SAFE_KEYS = frozenset({
     "max_iters", "max_seconds", "eval_interval", "log_interval", "out_dir", "resume", "overwrite", "plot",
-    "sample_tokens", "impl", "device", "blas_threads", "distributed", "data",
+    "sample_tokens", "impl", "device", "threads", "distributed", "data",
 })
 
 
@@ -247,7 +247,8 @@ class TrainConfig:
     seed: int = 1337
     impl: str = "auto"  # WKV backend: auto, numba, numpy, parallel, cupy, cuda-shim
     device: str = "cpu"  # cpu (NumPy) or cuda (CuPy)
-    blas_threads: int = 1  # BLAS threads during training (0: leave as is); small matrices run fastest on one
+    threads: int = 0  # CPU threads per process (0: MINIRWKV_NUM_THREADS / OMP_NUM_THREADS, else every usable core,
+    #                   shared between the ranks of an MPI run on one machine); docs/threads.md
     distributed: str = "auto"  # auto: data-parallel over MPI when launched by mpiexec -n N > 1; off; mpi (always)
 
     def __post_init__(self):
@@ -322,7 +323,8 @@ TRAIN_HELP = {
     "seed": "seed of the initial weights and of the batches",
     "impl": "WKV engine: auto, numba, numpy, parallel, cupy or cuda-shim",
     "device": "cpu (NumPy) or cuda (CuPy)",
-    "blas_threads": "BLAS threads while training (0: leave as is)",
+    "threads": "CPU threads per process for the products and the Numba kernels (0: the environment, else every "
+               "usable core, shared between MPI ranks on one machine)",
     "distributed": "data-parallel over MPI: auto (when mpiexec starts more than one process), off or mpi",
 }
 

@@ -42,7 +42,7 @@ def test_frozen_and_parse():
     ("grad_clip", "nan", "a finite number >= 0"), ("max_seconds", "-inf", "a finite number >= 0"),
     ("max_seconds", "inf", "a finite number >= 0"), ("val_fraction", "1", r"a finite number in \(0, 1\)"),
     ("val_fraction", "nan", r"a finite number in \(0, 1\)"), ("n_layer", "0", "an integer >= 1"),
-    ("dim_ffn", "0", "an integer >= 1"), ("seed", "-1", "an integer >= 0"), ("blas_threads", "-2", "an integer >= 0"),
+    ("dim_ffn", "0", "an integer >= 1"), ("seed", "-1", "an integer >= 0"), ("threads", "-2", "an integer >= 0"),
     ("bpe_vocab_size", "255", "an integer >= 256"), ("sample_tokens", "-1", "an integer >= 0"),
 ])
 def test_out_of_range_values_fail_when_parsed(key, value, allowed):

@@ -36,7 +36,7 @@ from minirwkv.backends.engine import make_engine
 from minirwkv.config import TrainConfig
 from minirwkv.engine import optim
 from minirwkv.engine.data import format_stats, get_batch, load_dataset
-from minirwkv.engine.train import blas_threads, to_numpy, train
+from minirwkv.engine.train import to_numpy, train
 from _common import Checks, out_dir, pyplot
 
 QUICK = os.environ.get("MINIRWKV_QUICK") == "1"  # CI runs every tutorial at a reduced size
@@ -211,9 +211,8 @@ def train_step(params, opt, step, cfg, tokens):
     return params, opt, loss, grads, norm, lr
 
 
-with blas_threads(config.blas_threads):
-    opt0 = optim.adamw_init(params0)  # m = v = 0, step = 0
-    params1, opt1, loss0, grads0, norm0, lr0 = train_step(params0, opt0, 0, config, data.train)
+opt0 = optim.adamw_init(params0)  # m = v = 0, step = 0
+params1, opt1, loss0, grads0, norm0, lr0 = train_step(params0, opt0, 0, config, data.train)
 print(f"step 0: engine {engine.name}, loss {loss0:.4f} (ln 256 = {np.log(256):.4f}), gradient norm {norm0:.3f} "
       f"(clipped to {config.grad_clip}), lr {lr0:.2e}")
 
@@ -270,8 +269,7 @@ checks.true("step 0: time_decay and time_first did not move",
 # and Adam's eps = 1e-8 in the denominator shrinks their step below float32's resolution.
 
 # %%
-with blas_threads(config.blas_threads):
-    params2, opt2, loss1, grads1, norm1, lr1 = train_step(params1, opt1, 1, config, data.train)
+params2, opt2, loss1, grads1, norm1, lr1 = train_step(params1, opt1, 1, config, data.train)
 print(f"step 1, lr = {lr1:.2e}\n{'parameter':28s} moved")
 for name in SHOWN[:5] + ("blocks.0.att.time_mix_k",):
     print(f"{name:28s} {100 * moved(name, params1, params2, lr1)[0]:4.0f}%")

@@ -29,7 +29,7 @@ from minirwkv.config import TrainConfig
 from minirwkv.engine import optim
 from minirwkv.engine.data import get_batch, load_dataset
 from minirwkv.engine.generate import generate_text, load_model
-from minirwkv.engine.train import LAST, blas_threads, to_numpy, train
+from minirwkv.engine.train import LAST, to_numpy, train
 from minirwkv.io.atomic import atomic_write
 from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.tools.plot import read_log
@@ -284,12 +284,11 @@ checks.exact("resumed run == uninterrupted run: AdamW m and v",
 # %%
 saved_params = {k: a.astype(np.dtype(small.dtype)) for k, a in stopped_at.params.items()}
 saved_opt = optim.state_from_arrays(stopped_at.arrays, stopped_at.meta["step"], saved_params)
-with blas_threads(small.blas_threads):
-    p_saved, opt_saved = saved_params, saved_opt
-    p_fresh, opt_fresh = saved_params, optim.adamw_init(saved_params)
-    for step in range(STOP, small.max_iters):
-        p_saved, opt_saved = train_step(p_saved, opt_saved, step, small, data.train)
-        p_fresh, opt_fresh = train_step(p_fresh, opt_fresh, step, small, data.train)
+p_saved, opt_saved = saved_params, saved_opt
+p_fresh, opt_fresh = saved_params, optim.adamw_init(saved_params)
+for step in range(STOP, small.max_iters):
+    p_saved, opt_saved = train_step(p_saved, opt_saved, step, small, data.train)
+    p_fresh, opt_fresh = train_step(p_fresh, opt_fresh, step, small, data.train)
 end_a = np.concatenate([to_numpy(run_a.params)[k].ravel() for k in names])
 end_fresh = np.concatenate([p_fresh[k].ravel() for k in names])
 print(f"resumed with fresh moments: max |difference| from run A = {np.abs(end_fresh - end_a).max():.2e}")

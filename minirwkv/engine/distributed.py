@@ -336,20 +336,3 @@ def on_root(world, fn):
     if message is not None:
         raise RuntimeError(f"rank 0 stopped the run: {message}")
     return result
-
-
-@contextlib.contextmanager
-def threads_per_rank(world):
-    """Share the machine's cores between the ranks on it: each gets NUMBA_NUM_THREADS // local ranks Numba threads
-    (2 cores, 2 ranks: one each). Oversubscribed threads spin and wait for each other."""
-    if world.size == 1 or world.local_size <= 1:
-        yield
-        return
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // world.local_size))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ..backends.threads import resolve_threads
 from .infer import DEFAULT_CHUNK, ReferenceRunner, RNNRunner, broadcast_state, load_state, save_state
 from .sampling import SamplingConfig, make_rng, sample
 from ..devices import is_cupy
@@ -115,7 +116,8 @@ class StopFilter:
 def generate(params: dict | None, tokenizer, prompts, max_new_tokens: int = 100, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              seed: int | None = None, stop=(), stop_tokens=(), state=None, logits=None,
-             chunk_size: int = DEFAULT_CHUNK, runner: RNNRunner | None = None) -> Iterator[Piece]:
+             chunk_size: int = DEFAULT_CHUNK, runner: RNNRunner | None = None,
+             threads: int | None = None) -> Iterator[Piece]:
     """Continue each prompt (a str, or a list of str) by up to ``max_new_tokens`` tokens; yields Piece(index, text).
 
     Sampling options: see ``SamplingConfig`` (temperature 0 = greedy). ``seed`` fixes the draws. Generation of a
@@ -123,6 +125,7 @@ def generate(params: dict | None, tokenizer, prompts, max_new_tokens: int = 100,
     ``stop_tokens`` (not emitted). ``state`` (a State of one sequence, or of one per prompt) continues earlier
     text; with an empty prompt its ``logits`` (those of its last token, as ``save_state`` keeps) are needed.
     Without a state an empty prompt starts from a newline. ``runner`` reuses prepared weights across calls (then ``params`` may be None).
+    ``threads``: CPU threads of a runner made here (default: the environment, else every usable core).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -138,7 +141,7 @@ def generate(params: dict | None, tokenizer, prompts, max_new_tokens: int = 100,
         if is_cupy(params["emb.weight"]):  # on the GPU: the library's own RNN mode
             runner = ReferenceRunner(params, batch_size=B)
         else:
-            runner = RNNRunner(params, batch_size=B, chunk_size=chunk_size)
+            runner = RNNRunner(params, batch_size=B, chunk_size=chunk_size, threads=threads)
     elif runner.batch_size != B:
         runner.resize(B)
     else:
@@ -271,6 +274,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser):
                         help="save the state after the prompt to this .npz, to reuse it for many continuations "
                              "(its folders are made)")
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK, help="prompt tokens per prefill block")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: MINIRWKV_NUM_THREADS / OMP_NUM_THREADS, else every usable core; "
+                             "docs/threads.md)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the model runs on the GPU through CuPy (minirwkv.prefill / rnn_step, the CUDA WKV "
                              "kernels); the sampler stays on the host")
@@ -291,6 +297,8 @@ def check_sample_options(args) -> SamplingConfig:
     if args.chunk_size < 1:
         raise ValueError(f"--chunk_size must be an integer >= 1 (prompt tokens per prefill block), got "
                          f"{args.chunk_size}")
+    if getattr(args, "threads", None) is not None:
+        resolve_threads(args.threads)  # a bad count fails here, in one line, before the model is read
     return sampling
 
 
@@ -370,7 +378,8 @@ def run_sample(args) -> int:
         if getattr(args, "device", "cpu") == "cuda":
             runner = ReferenceRunner(to_device(params), batch_size=len(prompts))
         else:
-            runner = RNNRunner(params, batch_size=len(prompts), chunk_size=args.chunk_size)
+            runner = RNNRunner(params, batch_size=len(prompts), chunk_size=args.chunk_size,
+                               threads=getattr(args, "threads", None))
         first = start(runner, encode_prompts(tokenizer, prompts, continuing=state is not None), state, logits)
         if args.state_out:
             save_state(output_file(args.state_out, "--state_out", "state.npz"), runner.get_state(), first)

@@ -44,6 +44,7 @@ from .. import layers as ops
 from ..api import check_params, check_state, check_tokens, init_state, model_for
 from ..rwkv4.state import LayerState
 from ..state import State
+from ..backends.threads import configure, get_pool, resolve_threads
 from ..devices import array_module, to_numpy
 from ..io.statefile import load_state, save_state  # noqa: F401  (their old import path)
 
@@ -102,7 +103,7 @@ def prepare_layer(params: dict, i: int) -> PreparedLayer:
 
 class _Buffers(NamedTuple):
     """Views of the first B·T rows of every activation buffer, shaped (B, T, X); ``*_m`` are the same memory as
-    matrix-product operands: (B·T, X), or (X,) when B·T = 1 so that NumPy calls the BLAS matrix-vector routine."""
+    matrix-product operands (B·T, X), which the runner's thread pool splits into blocks (backends/threads.py)."""
 
     x: np.ndarray
     z: np.ndarray
@@ -189,7 +190,7 @@ class RNNRunner(_Runner):
     float rounding (tests/test_infer.py).
     """
 
-    def __init__(self, params: dict, batch_size: int = 1, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, params: dict, batch_size: int = 1, chunk_size: int = DEFAULT_CHUNK, threads: int | None = None):
         config = check_params(params)
         if array_module(params["emb.weight"]) is not np:
             raise ValueError("RNNRunner runs on the CPU: pass NumPy parameters ({k: cupy.asnumpy(v) ...}); on the "
@@ -205,6 +206,9 @@ class RNNRunner(_Runner):
         self.ln_out_w, self.ln_out_b = params["ln_out.weight"], params["ln_out.bias"]
         self.head = np.ascontiguousarray(params["head.weight"].T)  # (C, V)
         self._kernels = _load_kernels()
+        self.threads = resolve_threads(threads)  # the products split over this many threads (backends/threads.py)
+        self._pool = get_pool(self.threads)
+        configure(self.threads)
         self._zero, self._one = self.dtype.type(0), self.dtype.type(1)  # the kernels' constants, in their dtype
         self.state = None
         self._allocate(batch_size)
@@ -237,8 +241,7 @@ class RNNRunner(_Runner):
         if key not in self._view_cache:
             C, F = self.config.n_embd, self.config.dim_ffn
             blocks = {name: a[:B * T * (F if name == "fk" else C)].reshape(B, T, -1) for name, a in self._flat.items()}
-            mats = {name + "_m": (a.reshape(-1) if B * T == 1 else a.reshape(B * T, -1))
-                    for name, a in blocks.items() if name not in ("x", "z")}
+            mats = {name + "_m": a.reshape(B * T, -1) for name, a in blocks.items() if name not in ("x", "z")}
             self._view_cache[key] = _Buffers(**blocks, **mats)
         return self._view_cache[key]
 
@@ -279,7 +282,7 @@ class RNNRunner(_Runner):
     def _run(self, tokens, layers) -> np.ndarray:
         """Tokens (b, T) with T <= chunk_size from the states ``layers`` (updated in place) -> logits (b, V), a
         view of an internal buffer that the next call overwrites."""
-        kn, zero, one = self._kernels, self._zero, self._one
+        kn, zero, one, matmuls = self._kernels, self._zero, self._one, self._pool.matmuls
         B, T = tokens.shape
         buf = self._views(B, T)
         x = buf.x
@@ -287,21 +290,21 @@ class RNNRunner(_Runner):
         for lw, s in zip(self.layers, layers):
             kn.time_mix_inputs(x, lw.ln1_w, lw.ln1_b, s.att_x, lw.att_mix_k, lw.att_mix_v, lw.att_mix_r, one,
                                buf.z, buf.xk, buf.xv, buf.xr)
-            np.matmul(buf.xk_m, lw.att_key, out=buf.k_m)  # (B, T, C)
-            np.matmul(buf.xv_m, lw.att_value, out=buf.v_m)  # (B, T, C)
-            np.matmul(buf.xr_m, lw.att_receptance, out=buf.r_m)  # (B, T, C)
+            matmuls([(buf.xk_m, lw.att_key, buf.k_m),  # (B, T, C)
+                     (buf.xv_m, lw.att_value, buf.v_m),  # (B, T, C)
+                     (buf.xr_m, lw.att_receptance, buf.r_m)])  # (B, T, C)
             kn.wkv_gate(lw.w, lw.u, buf.k, buf.v, buf.r, s.att_aa, s.att_bb, s.att_pp, buf.g)
-            np.matmul(buf.g_m, lw.att_output, out=buf.att_m)  # (B, T, C)
+            matmuls([(buf.g_m, lw.att_output, buf.att_m)])  # (B, T, C)
             kn.channel_mix_inputs(x, buf.att, lw.ln2_w, lw.ln2_b, s.ffn_x, lw.ffn_mix_k, lw.ffn_mix_r, one,
                                   buf.z, buf.xk, buf.xr)
-            np.matmul(buf.xk_m, lw.ffn_key, out=buf.fk_m)  # (B, T, F)
-            np.matmul(buf.xr_m, lw.ffn_receptance, out=buf.fr_m)  # (B, T, C)
+            matmuls([(buf.xk_m, lw.ffn_key, buf.fk_m),  # (B, T, F)
+                     (buf.xr_m, lw.ffn_receptance, buf.fr_m)])  # (B, T, C)
             kn.relu_square(buf.fk.reshape(B * T, -1), zero)
-            np.matmul(buf.fk_m, lw.ffn_value, out=buf.fv_m)  # (B, T, C)
+            matmuls([(buf.fk_m, lw.ffn_value, buf.fv_m)])  # (B, T, C)
             kn.gate_residual(x.reshape(B * T, -1), buf.fr.reshape(B * T, -1), buf.fv.reshape(B * T, -1))
         z, logits = self._z_last[:B], self._logits[:B]
         kn.layernorm_rows(x[:, -1], self.ln_out_w, self.ln_out_b, z)  # (B, C) only the last token needs logits
-        np.matmul(z[0] if B == 1 else z, self.head, out=logits[0] if B == 1 else logits)  # (B, V)
+        matmuls([(z, self.head, logits)])  # (B, V)
         if not np.isfinite(logits).all():
             raise FloatingPointError("RNNRunner produced non-finite logits: the parameters or the state contain "
                                      "NaN/inf")

@@ -16,7 +16,6 @@ same update, and rank 0 alone evaluates, logs and writes files. With one process
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -34,8 +33,10 @@ from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from .data import check_splits, get_batch, load_dataset, shard_rows
 from .distributed import (SingleProcess, agree, average_gradients, broadcast_state, check_in_step, flat_layout,
-                          init_world, on_root, threads_per_rank)
+                          init_world, on_root)
 from ..api import config_from_params, init_params, model_for
+from ..backends.engine import make_engine
+from ..backends.threads import resolve_threads
 from ..layers import cross_entropy_forward
 from ..tokenizers.core import tokenizer_from_spec
 from ..devices import module_for_device
@@ -67,22 +68,12 @@ class TrainResult(NamedTuple):
     world_size: int = 1  # the number of processes
 
 
-@contextlib.contextmanager
-def blas_threads(n: int):
-    """Limit the BLAS library's threads to ``n`` while training (0: no change).
-
-    The products of a small model (C = 128) are too short to share between threads: on 2 cores one OpenBLAS
-    thread ran a step in 82 ms, two in 115 ms (docs/training.md). Needs threadpoolctl; without it, nothing changes.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if n <= 0 or threadpool_limits is None:
-        yield
-        return
-    with threadpool_limits(limits=n, user_api="blas"):
-        yield
+def threads_for(config: TrainConfig, world) -> int:
+    """This process's CPU threads: ``config.threads`` if set (per process), else the default count
+    (backends/threads.py) shared between the ranks on this machine (2 cores, 2 ranks: one each)."""
+    if config.threads:
+        return config.threads
+    return max(1, resolve_threads() // max(1, world.local_size))
 
 
 def to_numpy(params: dict) -> dict:
@@ -238,8 +229,7 @@ def train(config: TrainConfig, on_step: Callable | None = None, echo: Callable =
     world = init_world(config.distributed, config.device) if world is None else world
     for note in notes if world.rank == 0 else ():
         echo(f"note: {note}")
-    with blas_threads(config.blas_threads if config.device == "cpu" else 0), threads_per_rank(world):
-        return _train(config, on_step, echo if world.rank == 0 else quiet, world)
+    return _train(config, on_step, echo if world.rank == 0 else quiet, world)
 
 
 def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=SingleProcess()) -> TrainResult:
@@ -249,7 +239,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
     # every rank sets up, and all stop together when one cannot (a file only one of them misses)
     with agree(world):
         shard_rows(config.batch_size, world.rank, world.size)  # the global batch must split evenly
-        state, meta, data, tokenizer, model, model_config = _setup(config, out, root)
+        state, meta, data, tokenizer, model, model_config = _setup(config, out, root, threads_for(config, world))
     backend = model.engine.name
     xp = module_for_device(config.device)
     if world.size > 1:  # every rank starts from rank 0's parameters and moments, whatever each loaded
@@ -375,7 +365,7 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
                        elapsed_before + elapsed(), interrupted, world.rank, world.size)
 
 
-def _setup(config: TrainConfig, out: Path, root: bool):
+def _setup(config: TrainConfig, out: Path, root: bool, threads: int = 1):
     """(TrainState, checkpoint meta, Dataset, tokenizer, WKV backend name, ModelConfig) of a new or resumed run."""
     output_folder(out, "--out_dir", make=False)  # a file in the way: one line, before anything is touched
     held = [name for name in (LAST, BEST) if (out / name).exists()]
@@ -414,7 +404,8 @@ def _setup(config: TrainConfig, out: Path, root: bool):
     elif state.params["emb.weight"].shape[0] != tokenizer.vocab_size:
         raise ValueError(f"--resume: the checkpoint's vocabulary ({state.params['emb.weight'].shape[0]}) differs "
                          f"from its tokenizer's ({tokenizer.vocab_size}): a corrupt checkpoint")
-    model = model_for(state.params, config.impl)  # validated once; the loop calls the unchecked Model
+    engine = make_engine(config.impl, config.device, threads if config.device == "cpu" else None)
+    model = model_for(state.params, engine)  # validated once; the loop calls the unchecked Model
     if config.overwrite and root:  # the old run's files go now, so the new log and checkpoints are all this run's
         for name in (LAST, BEST, "log.jsonl", "loss.png"):
             (out / name).unlink(missing_ok=True)
