@@ -3,7 +3,7 @@ official ``rwkv`` package on the same weights. Prints one table; nothing here is
 
     python -m minirwkv.bench.infer                 # tiny and 169M-shaped models, and the official package if present
     python -m minirwkv.bench.infer --quick         # the tiny model and a short prompt: a smoke test in seconds
-    python -m minirwkv.bench.infer --threads 1     # BLAS (and torch) threads; default: the libraries' own choice
+    python -m minirwkv.bench.infer --threads 1     # the runner's (and torch's) threads; default: the library's
 
 The roofline of one RNN step at batch 1: every matrix is read once per token (a matrix-vector product cannot reuse
 a weight), so the step cannot take less than (bytes of all matrices + head + one embedding row) / bandwidth. The
@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from minirwkv.backends.threads import configure, resolve_threads
 from minirwkv.config import ModelConfig
 from minirwkv.generation import get_generation
 from minirwkv.engine.infer import RNNRunner
@@ -63,7 +64,7 @@ def bytes_per_token(params: dict) -> int:
 
 def bench_model(name: str, config: ModelConfig, args, bandwidth: float) -> dict:
     params = random_params(config)
-    runner = RNNRunner(params, batch_size=1)
+    runner = RNNRunner(params, batch_size=1, threads=args.threads)
     rng = np.random.default_rng(0)
     steps = 5 if args.quick else (20 if name == "169M" else 200)
     token = np.array([1])
@@ -74,7 +75,7 @@ def bench_model(name: str, config: ModelConfig, args, bandwidth: float) -> dict:
            "roofline_pct": 100 * (nbytes / bandwidth) / t_step}
 
     B = 8
-    batched = RNNRunner(params, batch_size=B)
+    batched = RNNRunner(params, batch_size=B, threads=args.threads)
     tokens = np.arange(B) % config.vocab_size
     t_batch = median_time(lambda: batched.step(tokens), max(3, steps // 4), warmup=1)
     row["batch8_tok_s"] = B / t_batch
@@ -93,7 +94,7 @@ def bench_model(name: str, config: ModelConfig, args, bandwidth: float) -> dict:
     return row
 
 
-def official(params: dict, args, steps: int, runner: RNNRunner) -> dict:
+def official(params: dict, args, steps: int, runner: RNNRunner | None) -> dict:
     """The official ``rwkv`` package (pip install rwkv; needs torch) on the same weights, strategy 'cpu fp32',
     one token per forward call. Also reports its largest logit difference from ours on a few tokens."""
     try:
@@ -114,38 +115,20 @@ def official(params: dict, args, steps: int, runner: RNNRunner) -> dict:
         model = RWKV(path, strategy="cpu fp32", verbose=False)
     state = [None]
     tokens = [1, 7, 42, 3]
-    runner.reset()
-    diff = 0.0
+    diff = None
     with torch.no_grad():
-        for t in tokens:  # the same tokens through both, from the zero state
-            out, state[0] = model.forward([t], state[0])
-            diff = max(diff, float(np.abs(out.numpy() - runner.step(np.array([t]))[0]).max()))
+        if runner is not None:  # the same tokens through both, from the zero state
+            runner.reset()
+            diff = 0.0
+            for t in tokens:
+                out, state[0] = model.forward([t], state[0])
+                diff = max(diff, float(np.abs(out.numpy() - runner.step(np.array([t]))[0]).max()))
 
         def step():
             out, state[0] = model.forward([1], state[0])
 
         t_official = median_time(step, steps, warmup=2)
     return {"official_tok_s": 1 / t_official, "max_logit_diff": diff}
-
-
-def _limit_threads(n):
-    """Limit BLAS threads to n (threadpoolctl, from the dev extra); returns the context to keep alive."""
-    if n is None:
-        return None
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        print("threadpoolctl is not installed: --threads cannot limit NumPy's BLAS (pip install threadpoolctl)")
-        return None
-    return threadpool_limits(limits=n, user_api="blas")
-
-
-def _blas_threads() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown"
-    return ", ".join(f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info() if i["user_api"] == "blas")
 
 
 def print_table(rows: list, bandwidth: float):
@@ -183,7 +166,8 @@ def print_table(rows: list, bandwidth: float):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minirwkv.bench.infer", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model, a 128-token prompt, few repeats")
-    p.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="RNNRunner's threads and torch's (default: the library's, docs/threads.md)")
     p.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--no-official", action="store_true", help="skip the official rwkv package")
     args = p.parse_args(argv)
@@ -199,18 +183,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    limits = _limit_threads(args.threads)
-    try:
-        tune_for_training()  # workqueue threads and glibc keeping freed blocks, as the minirwkv command does
-        copy = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
-        bandwidth = copy["roofline"]  # the larger of np.copyto and a parallel copy on all threads (bench.py)
-        print(f"RNN-mode inference, float32, batch 1 unless noted; {os.cpu_count()} CPUs, BLAS threads: "
-              f"{_blas_threads()}")
-        rows = [bench_model(name, MODELS[name], args, bandwidth) for name in args.names]
-        print_table(rows, bandwidth)
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
+    tune_for_training()  # workqueue threads and glibc keeping freed blocks, as the minirwkv command does
+    threads = resolve_threads(args.threads)
+    configure(threads)
+    copy = copy_bandwidth(COPY_BYTES_QUICK if args.quick else COPY_BYTES)
+    bandwidth = copy["roofline"]  # the larger of np.copyto and a parallel copy on all threads (bench.py)
+    print(f"RNN-mode inference, float32, batch 1 unless noted; {os.cpu_count()} CPUs, {threads} threads "
+          f"(docs/threads.md)")
+    rows = [bench_model(name, MODELS[name], args, bandwidth) for name in args.names]
+    print_table(rows, bandwidth)
     return rows
 
 

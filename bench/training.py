@@ -146,11 +146,12 @@ def _train_step(model, params, opt, idx, targets):
     return loss, params, opt
 
 
-def matmul_flops(n: int, repeats: int = 3) -> float:
-    """FLOP/s of a float32 (n, n) @ (n, n) product on NumPy's BLAS: the reference for the step's products."""
+def matmul_flops(n: int, pool, repeats: int = 3) -> float:
+    """FLOP/s of a float32 (n, n) @ (n, n) product on the engine's pool (its threads, BLAS on one per block): the
+    reference for the step's products."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-    return 2 * n ** 3 / median_time(lambda: a @ b, repeats)
+    return 2 * n ** 3 / median_time(lambda: pool.matmul(a, b), repeats)
 
 
 def bench_step(args) -> dict:
@@ -158,6 +159,7 @@ def bench_step(args) -> dict:
 
     from minirwkv import optim
     from minirwkv.api import init_params, model_for
+    from minirwkv.backends.engine import make_engine
     from minirwkv.config import ModelConfig
 
     config_kwargs = STEP_CONFIG_QUICK if args.quick else STEP_CONFIG
@@ -167,7 +169,7 @@ def bench_step(args) -> dict:
     print(f"\n== training step: V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} F={cfg.dim_ffn}, B={B} T={T} "
           f"float32, impl={impl}, AdamW (fused Numba update) ==")
     params = init_params(cfg, seed=0, dtype=np.float32)
-    model = model_for(params, impl)  # validated once, as the trainer does
+    model = model_for(params, make_engine(impl, "cpu", threads=args.threads))  # validated once, as the trainer does
     state = {"params": params, "opt": optim.adamw_init(params)}
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (B, T + 1))
@@ -187,7 +189,7 @@ def bench_step(args) -> dict:
     t_instrumented = median_time(lambda: step(timed), repeats, warmup=0)
     matmul_s, flops = timer.seconds / repeats, timer.flops / repeats
     peak_n = 512 if args.quick else 2048
-    peak = matmul_flops(peak_n)
+    peak = matmul_flops(peak_n, model.engine.pool)
     tokens_per_s = B * T / t_step
     result = {"config": {**config_kwargs, "dim_ffn": cfg.dim_ffn, "B": B, "T": T}, "impl": impl,
               "step_s": t_step, "tokens_per_s": tokens_per_s, "instrumented_step_s": t_instrumented,
@@ -292,22 +294,25 @@ def bench_precision(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minirwkv.bench", description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for the Numba kernels (at most the pool size, NUMBA_NUM_THREADS) and for NumPy's "
-                        "BLAS (through threadpoolctl); torch in the HF comparison uses the same number")
+                   help="the engine's CPU threads (make_engine(threads=N): the products' pool and the Numba kernels; "
+                        "default: MINIRWKV_NUM_THREADS / OMP_NUM_THREADS, else every usable core); torch in the HF "
+                        "comparison uses the same number. The scaling section measures 1 and all cores itself")
     p.add_argument("--threading-layer", choices=("workqueue", "omp", "tbb", "default"), default="workqueue",
                    help="Numba's threading layer (default workqueue: idle threads sleep; OpenMP's spin-waiting threads "
-                        "starve the BLAS threads on a small, shared machine, docs/numba.md)")
+                        "starve the BLAS threads on a small, shared machine, docs/threads.md)")
+    p.add_argument("--no-busy", action="store_true", help="scaling: skip the figures beside a busy process")
+    p.add_argument("--no-official", action="store_true", help="scaling: skip the official rwkv package")
+    p.add_argument("--no-mpi", action="store_true", help="scaling: skip the data-parallel (mpiexec) comparison")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test")
     p.add_argument("--hf-steps", type=int, default=2, metavar="N",
                    help="timed steps of the HF transformers comparison (about a minute each at full size); 0 skips it")
-    p.add_argument("--only", choices=("wkv", "step", "precision", "all"), default="all",
+    p.add_argument("--only", choices=("wkv", "step", "scaling", "precision", "all"), default="all",
                    help="which section to run (precision: the float32 error table of docs/numerics.md)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    import contextlib
 
     import numba
 
@@ -315,26 +320,22 @@ def main(argv=None) -> dict:
     if args.threading_layer != "default":
         numba.config.THREADING_LAYER = args.threading_layer  # read when the first parallel kernel launches
     keep_freed_memory()  # as the minirwkv command does (minirwkv/process.py)
-    blas_limit = contextlib.nullcontext()
-    if args.threads is not None:
-        from minirwkv.backends.numba import wkv4 as numba_wkv
+    from minirwkv.backends.engine import make_engine
 
-        numba_wkv.set_threads(args.threads)
-        try:
-            from threadpoolctl import threadpool_limits
-
-            blas_limit = threadpool_limits(limits=args.threads, user_api="blas")
-        except ImportError:
-            print("threadpoolctl is not installed: NumPy's BLAS keeps its own thread count")
+    make_engine("numba", "cpu", threads=args.threads)  # the thread settings every section starts from
     results = {"args": vars(args)}
-    with blas_limit:
-        if args.only in ("wkv", "all"):
-            results["wkv"] = bench_wkv(args)
-        if args.only in ("step", "all"):
-            results["step"] = bench_step(args)
-        if args.only in ("precision", "all"):
-            results["precision"] = bench_precision(args)
-        results["environment"] = environment()  # inside the BLAS limit, so its thread count is the one used
+    if args.only in ("wkv", "all"):
+        results["wkv"] = bench_wkv(args)
+    if args.only in ("step", "all"):
+        results["step"] = bench_step(args)
+    if args.only in ("precision", "all"):
+        results["precision"] = bench_precision(args)
+    if args.only in ("scaling", "all"):
+        from .scaling import bench_scaling
+
+        results["scaling"] = bench_scaling(args)
+        make_engine("numba", "cpu", threads=args.threads)  # back to the run's setting for the environment report
+    results["environment"] = environment()
     print_environment(results["environment"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

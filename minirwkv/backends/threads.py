@@ -194,11 +194,13 @@ def _blocks(a, b, out, n: int) -> list:
     N = b.shape[1]
     flops = 2 * M * K * N
     count = min(TASKS_PER_THREAD * n, flops // MIN_BLOCK_FLOPS) if n > 1 and flops >= MIN_PARALLEL_FLOPS else 1
-    if count > 1 and M >= count * ROW_ALIGN:  # blocks of rows: out[i0:i1] = a[i0:i1] @ b (a product of matrices)
+    # Each block repacks the operand it does not split (BLAS copies panels of both), so split the one that is
+    # larger: rows when a (M, K) outweighs b (K, N), i.e. M >= N; columns otherwise (a few rows: bound by reading b)
+    if count > 1 and M >= N and M >= count * ROW_ALIGN:  # blocks of rows: out[i0:i1] = a[i0:i1] @ b
         edges = _edges(M, count, ROW_ALIGN)
         return [lambda i0=i0, i1=i1: np.matmul(a[i0:i1], b, out=out[i0:i1]) for i0, i1 in edges]
     count = min(count, N // MIN_COLUMNS)
-    if count > 1:  # blocks of columns: out[:, j0:j1] = a @ b[:, j0:j1] (few rows: bound by reading b)
+    if count > 1:  # blocks of columns: out[:, j0:j1] = a @ b[:, j0:j1]
         edges = _edges(N, count, MIN_COLUMNS // 16)
         return [lambda j0=j0, j1=j1: np.matmul(a, b[:, j0:j1], out=out[:, j0:j1]) for j0, j1 in edges]
     return [lambda: np.matmul(a, b, out=out)]
