@@ -222,7 +222,10 @@ def test_ops_registry_overrides_are_explicit():
     for name in numba_ops.OVERRIDES:
         assert getattr(numba_namespace, name) is getattr(numba_ops, name)
         assert getattr(reference, name) is getattr(ops, name)
-    assert numba_namespace.linear_forward is ops.linear_forward  # not overridden: the reference (BLAS)
+    for engine_ops in (numba_namespace, reference):  # not overridden: the reference, its products on the pool
+        assert engine_ops.linear_forward.func is ops.linear_forward and engine_ops.linear_backward.func is \
+            ops.linear_backward
+        assert engine_ops.linear_forward.keywords["matmul"].__self__ is make_engine("numba").pool
     assert make_engine("parallel").ops.overridden == ()
 
 
