@@ -196,10 +196,11 @@ def _blocks(a, b, out, n: int) -> list:
     count = min(TASKS_PER_THREAD * n, flops // MIN_BLOCK_FLOPS) if n > 1 and flops >= MIN_PARALLEL_FLOPS else 1
     # Each block repacks the operand it does not split (BLAS copies panels of both), so split the one that is
     # larger: rows when a (M, K) outweighs b (K, N), i.e. M >= N; columns otherwise (a few rows: bound by reading b)
-    if count > 1 and M >= N and M >= count * ROW_ALIGN:  # blocks of rows: out[i0:i1] = a[i0:i1] @ b
+    by_columns = min(count, N // MIN_COLUMNS)
+    if count > 1 and M >= count * ROW_ALIGN and (M >= N or by_columns < 2):  # rows: out[i0:i1] = a[i0:i1] @ b
         edges = _edges(M, count, ROW_ALIGN)
         return [lambda i0=i0, i1=i1: np.matmul(a[i0:i1], b, out=out[i0:i1]) for i0, i1 in edges]
-    count = min(count, N // MIN_COLUMNS)
+    count = by_columns
     if count > 1:  # blocks of columns: out[:, j0:j1] = a @ b[:, j0:j1]
         edges = _edges(N, count, MIN_COLUMNS // 16)
         return [lambda j0=j0, j1=j1: np.matmul(a, b[:, j0:j1], out=out[:, j0:j1]) for j0, j1 in edges]
@@ -213,10 +214,13 @@ def _edges(size: int, count: int, align: int) -> list[tuple[int, int]]:
 
 
 _pools: dict[int, ThreadPool] = {}
+_pools_lock = threading.Lock()
 
 
 def get_pool(n: int) -> ThreadPool:
-    """The process's pool of ``n`` threads (one per n; creating it starts no thread)."""
-    if n not in _pools:
-        _pools[n] = ThreadPool(n)
-    return _pools[n]
+    """The process's pool of ``n`` threads (one per n; creating it starts no thread). A task must not start a job
+    on the pool that runs it (its worker would wait for itself)."""
+    with _pools_lock:
+        if n not in _pools:
+            _pools[n] = ThreadPool(n)
+        return _pools[n]

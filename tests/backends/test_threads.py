@@ -422,3 +422,11 @@ def test_rnn_runner_agrees_across_thread_counts(clean_env, small_thresholds, blo
     for t, (one, two) in enumerate(zip(logits[1], logits[2])):
         assert two.shape == (2, CONFIG.vocab_size) and two.dtype == dtype
         assert_close(two, one, dtype, "same", f"logits at step {t}")
+
+
+def test_a_large_product_with_few_columns_still_splits_by_rows():
+    """(400, 4096) @ (4096, 500): fewer rows than columns, but too few columns for column blocks: rows it is."""
+    a = np.ones((400, 4096), np.float32)
+    b = np.ones((4096, 500), np.float32)
+    out = np.empty((400, 500), np.float32)
+    assert len(threads._blocks(a, b, out, 2)) > 1
