@@ -5,7 +5,9 @@
     python -m minirwkv.bench --only scaling --no-busy  # without the contention half
 
 Every figure is measured at 1 thread and at all usable cores in the same run, with the library's own thread setting
-(``make_engine(..., threads=n)``, ``RNNRunner(threads=n)``); nothing else changes between the two. Then the same
+(``make_engine(..., threads=n)``, ``RNNRunner(threads=n)``), each thread count in a fresh process: in one process
+the later count inherited the earlier one's heap, pools and torch runtime (three such runs put the training step's
+scaling at 1.07-1.49x; the same run without the torch comparison, 1.79x). Nothing else changes between the two. Then the same
 figures are taken again while a busy process (one Python loop, started and stopped here) competes for one core.
 Printed per figure: the 1-thread and all-core values, the scaling (all-core / 1-thread) and its efficiency
 (scaling / cores), the busy values, busy / idle at all cores (one busy program on a 2-core machine leaves a fair
@@ -200,21 +202,52 @@ def data_parallel_figures(cores: int, quick: bool) -> dict:
 # The report
 # ---------------------------------------------------------------------------------------------------------------
 
-def measure(threads: int, args, rnn_params: dict) -> dict:
-    quick = args.quick
+def measure_here(threads: int, quick: bool, with_official: bool) -> dict:
+    """Every figure at ``threads`` threads, in this process."""
+    from .infer import COPY_BYTES, COPY_BYTES_QUICK, MODELS, bytes_per_token, random_params
+
+    rnn_params = random_params(MODELS["tiny" if quick else "169M"])  # seeded: the same weights in every process
     row = {"sgemm_GFLOPs": sgemm_flops(threads, 512 if quick else 2048) / 1e9}
     step = step_figures(threads, quick)
     row.update(step_tok_s=step["tokens_per_s"], step_matmul_GFLOPs=step["matmul_flops_per_s"] / 1e9,
                step_matmul_share=step["matmul_share"])
     row.update(rnn_figures(rnn_params, threads, quick))
-    from .infer import COPY_BYTES, COPY_BYTES_QUICK, bytes_per_token
-
     bandwidth = copy_bandwidth(COPY_BYTES_QUICK if quick else COPY_BYTES)["roofline"]  # on these threads
     row["copy_GBs"] = bandwidth / 1e9
     row["rnn_roofline_pct"] = 100 * row["rnn_tok_s"] * bytes_per_token(rnn_params) / bandwidth
-    if not args.no_official and not quick:
+    if with_official and not quick:
         row["official_tok_s"] = official_tok_s(rnn_params, threads, 10)
     return row
+
+
+def measure(threads: int, args) -> dict:
+    """``measure_here`` in a fresh process (python -m minirwkv.bench.scaling --worker): each thread count starts from
+    the same state, with no pool, heap or torch runtime left behind by the other's run."""
+    import json
+
+    cmd = [sys.executable, "-m", "minirwkv.bench.scaling", "--worker", str(threads)]
+    cmd += ["--quick"] * bool(args.quick) + ["--no-official"] * bool(args.no_official)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the scaling worker at {threads} threads failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def worker_main(argv=None) -> None:
+    import argparse
+    import json
+
+    from minirwkv.backends.engine import make_engine
+    from minirwkv.engine.process import tune_for_training
+
+    p = argparse.ArgumentParser(prog="python -m minirwkv.bench.scaling")
+    p.add_argument("--worker", type=int, required=True, metavar="THREADS")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-official", action="store_true")
+    args = p.parse_args(argv)
+    tune_for_training()  # as the minirwkv command does
+    make_engine("numba", "cpu", threads=args.worker)
+    print(json.dumps(measure_here(args.worker, args.quick, not args.no_official)))
 
 
 FIGURES = [("sgemm_GFLOPs", "float32 square product, GFLOP/s"), ("step_tok_s", "training step, tokens/s"),
@@ -225,9 +258,8 @@ FIGURES = [("sgemm_GFLOPs", "float32 square product, GFLOP/s"), ("step_tok_s", "
 
 
 def bench_scaling(args) -> dict:
+    from minirwkv.backends.engine import make_engine
     from minirwkv.backends.threads import observed, usable_cores
-
-    from .infer import MODELS, random_params
 
     cores = usable_cores()
     load = machine_load()
@@ -238,15 +270,15 @@ def bench_scaling(args) -> dict:
           f"{100 * load:.0f}% of the CPUs busy with other programs" +
           ("" if idle else f": NOT IDLE, the figures below are not an idle machine's (limit "
                            f"{100 * IDLE_BUSY_LIMIT:.0f}%)")))
-    rnn_params = random_params(MODELS[model])
     result = {"cores": cores, "load_before": load, "idle": idle, "model": model}
-    result["one"] = measure(1, args, rnn_params)
-    result["all"] = measure(cores, args, rnn_params)
-    result["pools"] = observed()  # as the last engine left them: BLAS 1 per call, Numba `cores`
+    result["one"] = measure(1, args)
+    result["all"] = measure(cores, args)
+    make_engine("numba", "cpu", threads=cores)
+    result["pools"] = observed()  # as an engine of `cores` threads leaves them: BLAS 1 per call, Numba `cores`
     if not args.no_busy:
         with busy_process():
-            result["busy_all"] = measure(cores, args, rnn_params)
-            result["busy_one"] = measure(1, args, rnn_params)
+            result["busy_all"] = measure(cores, args)
+            result["busy_one"] = measure(1, args)
     if cores > 1 and not args.no_mpi:
         result["data_parallel"] = data_parallel_figures(cores, args.quick)
     _print(result)
@@ -289,3 +321,7 @@ def _print(r: dict):
     print(f"pools after the run: {r['pools']}")
     if not r["idle"]:
         print("NOTE: the machine was not idle when this run started; compare only ratios taken in this run")
+
+
+if __name__ == "__main__":
+    worker_main()
