@@ -310,6 +310,9 @@ def _print(r: dict):
         print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
     print(f"products of the step at {cores} threads: {100 * _ratio(every['step_matmul_GFLOPs'], every['sgemm_GFLOPs']):.0f}% "
           f"of the {cores}-thread square product's rate; {100 * every['step_matmul_share']:.0f}% of the step is products")
+    sgemm_scaling = _ratio(every["sgemm_GFLOPs"], one["sgemm_GFLOPs"])
+    print(f"the step's scaling against the square product's in this run (what the machine's cores gave at that "
+          f"moment): {_ratio(_ratio(every['step_tok_s'], one['step_tok_s']), sgemm_scaling):.2f}")
     print(f"batch 8 / batch 1 ({cores} threads): {_ratio(every['batch8_tok_s'], every['rnn_tok_s']):.1f}x; prefill / RNN "
           f"batch 1: {_ratio(every['prefill_tok_s'], every['rnn_tok_s']):.1f}x")
     if every.get("official_tok_s"):
