@@ -160,7 +160,7 @@ def cmd_train(argv: list[str]) -> int:
         from .engine.train import to_numpy
 
         for piece in generate(to_numpy(result.params), result.tokenizer, "", config.sample_tokens, temperature=0.8,
-                              seed=config.seed):
+                              seed=config.seed, threads=config.threads or None):  # --threads holds here too
             sys.stdout.write(piece.text)
             sys.stdout.flush()
         print()
