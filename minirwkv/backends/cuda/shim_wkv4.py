@@ -109,15 +109,8 @@ def _state_copy(a, B, C, dtype, name):
 @functools.lru_cache(maxsize=None)
 def load_library(cache_dir: str | None = None) -> ctypes.CDLL:
     """Compile (once per source version) and load the shim library, with argument types set for both dtypes."""
-    compiler = find_compiler()
     sources = {name: importlib.resources.files("minirwkv.kernels").joinpath(name).read_text() for name in SOURCES}
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(repr((sorted(sources.items()), compiler, version, CXXFLAGS)).encode()).hexdigest()[:16]
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"wkv4-shim-{key}.so"
-    if not path.exists():
-        _build(compiler, sources, directory, path)
-    lib = ctypes.CDLL(str(path))
+    lib = compile_shared("wkv4", sources, "cuda_shim.cpp", cache_dir)
     for dtype, suffix in DTYPES.items():
         p = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")  # checks dtype and layout at every call
         i = ctypes.c_int
@@ -144,13 +137,27 @@ def default_cache_dir() -> Path:
     return Path(base) / "minirwkv" / "shim"
 
 
-def _build(compiler, sources, directory: Path, path: Path):
+def compile_shared(name: str, sources: dict, entry: str, cache_dir: str | None = None) -> ctypes.CDLL:
+    """Compile ``sources`` ({file name: text}, ``entry`` the file given to the compiler) with the host C++ compiler
+    into ``<cache>/<name>-shim-<hash>.so`` (keyed by the sources, the compiler and its flags: built once per
+    version) and load it. Shared by every kernel's shim."""
+    compiler = find_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(repr((sorted(sources.items()), compiler, version, CXXFLAGS)).encode()).hexdigest()[:16]
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"{name}-shim-{key}.so"
+    if not path.exists():
+        _build(compiler, sources, entry, directory, path)
+    return ctypes.CDLL(str(path))
+
+
+def _build(compiler, sources, entry: str, directory: Path, path: Path):
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         for name, text in sources.items():
             Path(tmp, name).write_text(text)
         out = Path(tmp, path.name)
-        cmd = [compiler, *CXXFLAGS, "-o", str(out), str(Path(tmp, "cuda_shim.cpp"))]
+        cmd = [compiler, *CXXFLAGS, "-o", str(out), str(Path(tmp, entry))]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building the cuda-shim library failed:\n{' '.join(cmd)}\n{result.stderr}")

@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.resources
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from ...rwkv6.wkv import WKV6Grads, log_decay
-from .shim_wkv4 import CXXFLAGS, DTYPES, default_cache_dir, find_compiler
+from .shim_wkv4 import DTYPES, compile_shared
 
 SOURCES = ("wkv6.cu", "cuda_shim.h")  # in the package minirwkv.kernels (the kernels/ folder)
 ENTRY = "wkv6_shim.cpp"
@@ -125,16 +120,9 @@ def check_wkv6_args(r, k, v, w, u, dy=None, state=None, dstate=None):
 @functools.lru_cache(maxsize=None)
 def load_library(cache_dir: str | None = None) -> ctypes.CDLL:
     """Compile (once per source version, cached on disk like shim_wkv4) and load the wkv6 shim library."""
-    compiler = find_compiler()
     sources = {name: importlib.resources.files("minirwkv.kernels").joinpath(name).read_text() for name in SOURCES}
     sources[ENTRY] = ENTRY_SOURCE
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(repr((sorted(sources.items()), compiler, version, CXXFLAGS)).encode()).hexdigest()[:16]
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"wkv6-shim-{key}.so"
-    if not path.exists():
-        _build(compiler, sources, directory, path)
-    lib = ctypes.CDLL(str(path))
+    lib = compile_shared("wkv6", sources, ENTRY, cache_dir)
     i = ctypes.c_int
     for dtype, suffix in DTYPES.items():
         p = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")  # checks dtype and layout at every call
@@ -145,14 +133,3 @@ def load_library(cache_dir: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def _build(compiler, sources, directory: Path, path: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        for name, text in sources.items():
-            Path(tmp, name).write_text(text)
-        out = Path(tmp, path.name)
-        cmd = [compiler, *CXXFLAGS, "-o", str(out), str(Path(tmp, ENTRY))]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"building the wkv6 cuda-shim library failed:\n{' '.join(cmd)}\n{result.stderr}")
-        os.replace(out, path)  # atomic on one file system: other processes see no file or the whole file
