@@ -1,4 +1,4 @@
-"""Gates and activations: sigmoid, the receptance gate sigmoid(r) * y, relu^2 (docs/backward.md).
+"""Gates and activations: sigmoid, the receptance gate sigmoid(r) * y, relu^2, SiLU (docs/backward.md).
 """
 from __future__ import annotations
 
@@ -42,3 +42,15 @@ def relu_square_forward(x):
 def relu_square_backward(dh, x):
     """-> dx = 2 relu(x) dh."""
     return 2 * _xp(x).maximum(x, 0) * dh
+
+
+def silu_forward(a):
+    """g = a * sigmoid(a) (SiLU, "swish"): RWKV-5/6's output gate. Cache: (a, sigmoid(a))."""
+    sa = sigmoid(a)
+    return a * sa, (a, sa)
+
+
+def silu_backward(dg, cache):
+    """-> da = dg * sigmoid(a) * (1 + a * (1 - sigmoid(a)))."""
+    a, sa = cache
+    return dg * sa * (1 + a * (1 - sa))

@@ -18,14 +18,26 @@ class LayerNormCache(NamedTuple):
     weight: np.ndarray  # (C,)
 
 
-def layernorm_forward(x, weight, bias, eps=LN_EPS):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance, as PyTorch)."""
+def normalize_forward(x, eps):
+    """xhat = (x - mean) / sqrt(var + eps) over the last axis (biased variance), and rstd = 1 / sqrt(var + eps).
+
+    The normalisation LayerNorm and GroupNorm share: GroupNorm is this over each group's axis."""
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / _xp(x).sqrt(var + eps)
     rstd = rstd.astype(x.dtype, copy=False)
-    xhat = xc * rstd  # (..., C)
+    return xc * rstd, rstd  # (..., C), (..., 1)
+
+
+def normalize_backward(g, xhat, rstd):
+    """-> dx from g = dL/dxhat: rstd * (g - mean(g) - xhat * mean(g * xhat)), the mean over the normalised axis."""
+    return rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+
+
+def layernorm_forward(x, weight, bias, eps=LN_EPS):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance, as PyTorch)."""
+    xhat, rstd = normalize_forward(x, eps)  # (..., C), (..., 1)
     return xhat * weight + bias, LayerNormCache(xhat, rstd, weight)
 
 
@@ -38,6 +50,4 @@ def layernorm_backward(dy, cache: LayerNormCache):
     axes = tuple(range(dy.ndim - 1))
     dweight = (dy * xhat).sum(axis=axes)  # (C,)
     dbias = dy.sum(axis=axes)  # (C,)
-    g = dy * weight
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
-    return dx, dweight, dbias
+    return normalize_backward(dy * weight, xhat, rstd), dweight, dbias

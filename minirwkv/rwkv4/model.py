@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import layers
+from ..layers.init import orthogonal
 from ..config import ModelConfig
 from . import wkv
 from .state import LayerState, State
@@ -93,15 +94,6 @@ def detect(params: dict) -> bool:
 # generate_init_weight)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _orthogonal(rng, shape, gain):
-    """torch.nn.init.orthogonal_: QR of a Gaussian matrix, signs fixed by diag(R), scaled by gain."""
-    rows, cols = shape
-    a = rng.standard_normal((rows, cols) if rows >= cols else (cols, rows))
-    q, r = np.linalg.qr(a)
-    q *= np.sign(np.diag(r))
-    return gain * (q if rows >= cols else q.T)
-
-
 def init_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     """The official RWKV-4 (v4neo) initialisation. Returns {official name: array} in ``dtype``.
 
@@ -148,7 +140,7 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
             out_dim, in_dim = shape
             gain = math.sqrt(out_dim / in_dim) if out_dim > in_dim else 1.0
             scale = 0.0 if ".".join(parts[2:]) in ZERO_INIT else (0.5 if name == "head.weight" else 1.0)
-            value = np.zeros(shape) if scale == 0.0 else _orthogonal(rng, shape, gain * scale)
+            value = np.zeros(shape) if scale == 0.0 else orthogonal(rng, shape, gain * scale)
         params[name] = np.ascontiguousarray(value, dtype=dtype)
     return params
 

@@ -48,6 +48,57 @@ def test_linear(rng):
     check("dW", dW, f, W, dy)
 
 
+@pytest.mark.parametrize("eps", [64e-5, 1e-5, 1.0])
+def test_groupnorm(rng, eps):
+    """Per (b, t, head) over the head's N channels; eps on the input as given. Small-variance heads make the eps
+    matter (the last head is nearly constant)."""
+    H, N = 3, 4
+    x, w, b = rng.normal(size=(2, 3, H * N)), rng.normal(size=H * N), rng.normal(size=H * N)
+    x[..., -N:] = 0.5 + 0.01 * x[..., -N:]
+    dy = rng.normal(size=x.shape)
+    y, cache = ops.groupnorm_forward(x, w, b, H, eps)
+    dx, dw, db = ops.groupnorm_backward(dy, cache)
+    f = lambda: ops.groupnorm_forward(x, w, b, H, eps)[0]  # noqa: E731
+    check("dx", dx, f, x, dy)
+    check("dw", dw, f, w, dy)
+    check("db", db, f, b, dy)
+    g = x.reshape(2, 3, H, N)
+    expected = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)).reshape(x.shape)
+    assert_close(y, expected * w + b, np.float64, what="groupnorm definition")
+
+
+def test_groupnorm_never_mixes_tokens(rng):
+    """One token's output depends on that token alone (an early RWKV-5 normalised across time)."""
+    x = rng.normal(size=(1, 5, 8))
+    y, _ = ops.groupnorm_forward(x, np.ones(8), np.zeros(8), 2, 64e-5)
+    x2 = x.copy()
+    x2[:, 3:] *= 7
+    y2, _ = ops.groupnorm_forward(x2, np.ones(8), np.zeros(8), 2, 64e-5)
+    assert np.array_equal(y[:, :3], y2[:, :3])
+
+
+def test_silu(rng):
+    a = rng.normal(size=(2, 3, 5)) * 4
+    dg = rng.normal(size=a.shape)
+    g, cache = ops.silu_forward(a)
+    assert_close(g, a / (1 + np.exp(-a)), np.float64, what="silu")
+    check("da", ops.silu_backward(dg, cache), lambda: ops.silu_forward(a)[0], a, dg)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", None])
+def test_lora(rng, act):
+    x, w1, w2 = rng.normal(size=(2, 3, 5)), rng.normal(size=(5, 2)), rng.normal(size=(2, 4))
+    dy = rng.normal(size=(2, 3, 4))
+    y, cache = ops.lora_forward(x, w1, w2, act)
+    middle = {"tanh": np.tanh, "sigmoid": lambda p: 1 / (1 + np.exp(-p)), None: lambda p: p}[act]
+    assert_close(y, middle(x @ w1) @ w2, np.float64, what="lora")
+    dx, dw1, dw2 = ops.lora_backward(dy, cache)
+    f = lambda: ops.lora_forward(x, w1, w2, act)[0]  # noqa: E731
+    check("dx", dx, f, x, dy)
+    check("dw1", dw1, f, w1, dy)
+    check("dw2", dw2, f, w2, dy)
+
+
 def test_embedding_scatter_adds_repeated_tokens(rng):
     weight = rng.normal(size=(5, 3))
     idx = np.array([[0, 2, 2], [4, 2, 0]])
