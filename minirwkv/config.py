@@ -16,10 +16,16 @@ from dataclasses import dataclass
 class ModelConfig:
     """Shape of an RWKV model of any generation.
 
-    vocab_size V, n_embd C, n_layer L, dim_ffn F (None: the generation's default; 4C for RWKV-4).
-    version: the generation, "4" (the default), later "5" (v5.2), "6", "7" (minirwkv/generation.py).
+    vocab_size V, n_embd C, n_layer L, dim_ffn F (None: 4C; the official v5.2/v6 training scripts use
+    floor(3.5 C / 32) * 32, which checkpoints carry in their shapes).
+    version: the generation, "4" (the default), "5" (v5.2), "6", later "7" (minirwkv/generation.py).
     head_size N: channels per head of the matrix-valued state (RWKV-5 and later; RWKV-4 has no heads and ignores
-    it). dim_att equals n_embd and is not a separate field.
+    it); n_embd must be a multiple of it. dim_att equals n_embd and is not a separate field.
+    ln_x_eps: the eps of the per-head GroupNorm ``ln_x`` (RWKV-5 and later), on the undivided WKV output; the
+    official value is 1e-5 * head_size_divisor**2 = 64e-5 (docs/rwkv5.md §5). A checkpoint's shapes cannot tell it:
+    pass ``config=`` to forward / loss_and_grads / prefill to use another.
+    d_mix_lora, d_decay_lora: RWKV-6's LoRA ranks of the token-shift ddlerp and of the decay (None: the official
+    32 and 64 for version "6"; unused by the other generations); read from the shapes of a checkpoint.
     """
 
     vocab_size: int
@@ -28,6 +34,9 @@ class ModelConfig:
     dim_ffn: int | None = None
     version: str = "4"
     head_size: int = 64
+    ln_x_eps: float = 64e-5
+    d_mix_lora: int | None = None
+    d_decay_lora: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_embd", "n_layer", "head_size"):
@@ -43,16 +52,42 @@ class ModelConfig:
             object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
         elif not isinstance(self.dim_ffn, int) or isinstance(self.dim_ffn, bool) or self.dim_ffn < 1:
             raise ValueError(f"ModelConfig.dim_ffn must be a positive int or None, got {self.dim_ffn!r}")
+        if self.version != "4" and self.n_embd % self.head_size:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of head_size={self.head_size}: RWKV-"
+                             f"{self.version} splits the channels into heads of head_size; choose head_size among "
+                             f"the divisors of n_embd (e.g. {_divisor_near(self.n_embd, self.head_size)}) or change "
+                             f"n_embd")
+        if not isinstance(self.ln_x_eps, (int, float)) or isinstance(self.ln_x_eps, bool) or \
+                not (math.isfinite(self.ln_x_eps) and self.ln_x_eps > 0):
+            raise ValueError(f"ModelConfig.ln_x_eps must be a finite number > 0, got {self.ln_x_eps!r}")
+        object.__setattr__(self, "ln_x_eps", float(self.ln_x_eps))
+        for name, default in (("d_mix_lora", 32), ("d_decay_lora", 64)):
+            value = getattr(self, name)
+            if value is None:
+                if self.version == "6":  # the official ranks; other generations leave them None
+                    object.__setattr__(self, name, default)
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int or None, got {value!r}")
 
     @property
     def dim_att(self) -> int:
         return self.n_embd
+
+    @property
+    def n_head(self) -> int:
+        """H = n_embd / head_size heads of the matrix-valued state (RWKV-5 and later)."""
+        return self.n_embd // self.head_size
 
     def n_params(self) -> int:
         """The number of parameters: the sum of the generation's shapes."""
         from .generation import get_generation
 
         return sum(math.prod(s) for s in get_generation(self.version).param_shapes(self).values())
+
+
+def _divisor_near(n: int, target: int) -> int:
+    """The divisor of n closest to target (ties: the larger), for error messages."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), -d))
 
 
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -165,7 +200,7 @@ _AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 _ABOVE_0 = (lambda v: v > 0, "> 0")
 _BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
 _TRAIN_RANGES = {
-    **dict.fromkeys(("n_layer", "n_embd", "dim_ffn", "block_size", "batch_size", "eval_interval", "eval_iters",
+    **dict.fromkeys(("head_size", "n_layer", "n_embd", "dim_ffn", "block_size", "batch_size", "eval_interval", "eval_iters",
                      "log_interval"), _AT_LEAST_1),
     **dict.fromkeys(("max_iters", "warmup_iters", "sample_tokens", "seed", "threads", "lr_final",
                      "weight_decay", "grad_clip", "max_seconds"), _AT_LEAST_0),
@@ -212,6 +247,8 @@ class TrainConfig:
     bpe_vocab_size: int = 1024  # only for tokenizer = "bpe"
     val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
     # model (vocab_size comes from the tokenizer)
+    version: str = "4"  # the generation: 4, 5 (v5.2), 6 (minirwkv/generation.py)
+    head_size: int = 64  # channels per head of RWKV-5/6's matrix state; n_embd must be a multiple of it
     n_layer: int = 4
     n_embd: int = 128
     dim_ffn: int | None = None  # None: 4 n_embd
@@ -275,12 +312,22 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        from .generation import REGISTRY
+
+        if self.version not in REGISTRY:
+            raise ValueError(f"--version must be one of {', '.join(sorted(REGISTRY))} (5 is RWKV-5.2), got "
+                             f"{self.version!r}")
+        if self.version != "4" and self.n_embd % self.head_size:
+            raise ValueError(f"--n_embd={self.n_embd} is not a multiple of --head_size={self.head_size}: RWKV-"
+                             f"{self.version} splits the channels into heads; e.g. --head_size="
+                             f"{_divisor_near(self.n_embd, self.head_size)}")
         for name in ("data", "out_dir"):
             if not getattr(self, name).strip():
                 raise ValueError(f"--{name} is empty; {TRAIN_HELP[name]} (default {_default(name)})")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, n_embd=self.n_embd, n_layer=self.n_layer, dim_ffn=self.dim_ffn)
+        return ModelConfig(vocab_size=vocab_size, n_embd=self.n_embd, n_layer=self.n_layer, dim_ffn=self.dim_ffn,
+                           version=self.version, head_size=self.head_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -293,6 +340,8 @@ TRAIN_HELP = {
     "tokenizer": "text to ids: byte, char, bpe (trained on the corpus) or gpt2 (local files)",
     "bpe_vocab_size": "vocabulary of the bpe tokenizer: 256 bytes plus the merges",
     "val_fraction": "the last fraction of the tokens that is the validation split",
+    "version": "the RWKV generation: 4, 5 (v5.2) or 6",
+    "head_size": "channels per head of the matrix state (RWKV-5/6; n_embd must be a multiple)",
     "n_layer": "number of RWKV blocks",
     "n_embd": "width of the model (channels)",
     "dim_ffn": "hidden width of the channel mix (none: 4 n_embd)",

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 REGISTRY = {  # version -> the package that implements it, newest first (detection tries them in this order)
+    "6": "minirwkv.rwkv6",
+    "5": "minirwkv.rwkv5",
     "4": "minirwkv.rwkv4",
 }
 

@@ -13,7 +13,7 @@ def test_overrides_are_typed():
 
 
 def test_unknown_key_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown configuration key 'n_head'.*valid keys: dim_ffn, head_size, n_embd, n_layer, version, vocab_size"):
+    with pytest.raises(ValueError, match="unknown configuration key 'n_head'.*valid keys: d_decay_lora, d_mix_lora, dim_ffn, head_size, ln_x_eps, n_embd, n_layer, version, vocab_size"):
         apply_overrides(ModelConfig(vocab_size=10, n_embd=4, n_layer=1), {"n_head": "4"})
 
 

@@ -17,6 +17,7 @@ uses are the process's; the engine made last sets them.
 from __future__ import annotations
 
 import functools
+import operator
 import types
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,7 @@ from ..devices import module_for_device
 from . import WKVBackend, get_wkv, resolve, threads as cpu_threads
 
 _cache: dict[tuple[str, str, int], "Engine"] = {}
+MATMUL_FUNCTIONS = ("linear_forward", "linear_backward", "lora_forward", "lora_backward")  # take ``matmul=``
 
 
 class OpsNamespace(types.SimpleNamespace):
@@ -44,6 +46,11 @@ class Engine:
     adamw_update: Callable | None = field(repr=False)  # fused in-place AdamW (backends/numba/ops.py), or None
     threads: int = 1  # CPU threads of the products and the Numba kernels (backends/threads.py); 1 on a GPU
     pool: cpu_threads.ThreadPool | None = field(default=None, repr=False)  # splits the products; None on a GPU
+
+    @property
+    def matmul(self) -> Callable:
+        """A 2-D product ``matmul(a, b, out=None)``: the pool's on the CPU (split over the threads), else ``@``."""
+        return self.pool.matmul if self.pool is not None else operator.matmul
 
     def wkv(self, version: str) -> WKVBackend:
         """The WKV of generation ``version`` on this engine."""
@@ -89,7 +96,7 @@ def _build(name: str, device: str, n: int) -> Engine:
     pool = None
     if device == "cpu":
         pool = cpu_threads.get_pool(n)
-        functions["linear_forward"] = functools.partial(layers.linear_forward, matmul=pool.matmul)
-        functions["linear_backward"] = functools.partial(layers.linear_backward, matmul=pool.matmul)
+        for f in MATMUL_FUNCTIONS:  # their products go through the pool
+            functions[f] = functools.partial(getattr(layers, f), matmul=pool.matmul)
     return Engine(name, device, module_for_device(device), OpsNamespace(**functions, overridden=overridden), adamw,
                   n, pool)

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..backends import WKVBackend
 from ..devices import array_module as _xp
 
 DEFAULT_CHUNK = 32  # tokens per chunk: the (B, H, L, L, N) pair-decay tensor grows as L^2, the number of chunks as 1/L
@@ -319,3 +320,15 @@ def wkv6_chunked_backward(r, k, v, w, u, dy, state=None, dstate=None, chunk: int
         G = dS_in  # (B, H, N, N) dL/dS_out of the previous chunk
     back = (a.transpose(0, 2, 1, 3) for a in (dr, dk, dv, dw))  # (B, T, H, N) each
     return WKV6Grads(*back, du, G)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference forms as engines' WKVs (minirwkv.backends: "numpy" and "parallel")
+# ---------------------------------------------------------------------------------------------------------------
+
+def recurrent_backend() -> WKVBackend:
+    return WKVBackend("numpy", wkv6_recurrent_forward, wkv6_recurrent_backward)
+
+
+def chunked_backend() -> WKVBackend:
+    return WKVBackend("parallel", wkv6_chunked_forward, wkv6_chunked_backward)

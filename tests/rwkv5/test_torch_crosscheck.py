@@ -1,6 +1,6 @@
 """Cross-check RWKV-5.2 against an independent PyTorch autograd model and against the official ``rwkv`` package.
 
-1. ``torch_forward`` below is RWKV-5.2 written from the spec (/work/shared/rwkv5-math.md §3-§5; BlinkDL/RWKV-LM
+1. ``torch_forward`` below is RWKV-5.2 written from the spec (docs/rwkv5.md; BlinkDL/RWKV-LM
    ``RWKV_Tmix_x052`` / ``RWKV_CMix_x052``) as plain loops and einsums in float64: token shift by concatenation,
    the WKV as the per-token recurrence on the (H, N, N) [key, value] state, torch's own ``group_norm``. Autograd
    differentiates it; nothing of minirwkv is reused. Logits and every gradient of the mean cross-entropy must equal

@@ -1,6 +1,6 @@
 """Cross-check RWKV-6.0 against an independent PyTorch autograd model and against the official ``rwkv`` package.
 
-1. ``torch_forward`` below is RWKV-6.0 written from the spec (/work/shared/rwkv6-math.md §2-§6; BlinkDL/RWKV-LM
+1. ``torch_forward`` below is RWKV-6.0 written from the spec (docs/rwkv6.md; BlinkDL/RWKV-LM
    ``RWKV_Tmix_x060`` / ``RWKV_CMix_x060``) as plain loops and einsums in float64: the ddlerp token shift through the
    shared tanh LoRA (targets w, k, v, r, g in that order), the per-token decay LoRA, the WKV as the per-token
    recurrence on the (H, N, N) [key, value] state with w_t decaying S_{t-1} at token t's write, torch's own

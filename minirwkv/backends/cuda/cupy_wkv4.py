@@ -34,6 +34,12 @@ INSTALL_HINT = "install CuPy for your CUDA version (pip install minirwkv[gpu], i
 
 def make_backend() -> WKVBackend:
     """The ``cupy`` WKVBackend. RuntimeError if CuPy is missing or there is no usable GPU."""
+    check_device()
+    return WKVBackend("cupy", forward, backward)
+
+
+def check_device() -> None:
+    """RuntimeError, saying why and what to do, unless CuPy imports and sees a CUDA device (every cupy WKV)."""
     try:
         import cupy
     except ImportError as e:
@@ -47,7 +53,6 @@ def make_backend() -> WKVBackend:
     if count == 0:
         raise RuntimeError("the cupy WKV backend found no CUDA device; run on a machine with an NVIDIA GPU, "
                            "or use impl='numba' on the CPU")
-    return WKVBackend("cupy", forward, backward)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ does not import CuPy; the first call does, and raises RuntimeError if it is miss
 Launch layout: one block of N threads per (b, h) for each WKV kernel (wkv6.cu's header), then a tiny kernel that
 sums the per-(b, h, i) du partials over b (one writer per output: no atomics). All launches go to the current
 stream, so each runs after the previous. A fault inside a kernel is reported by the next synchronizing call.
-Not registered as a backend (yet), and not yet run on a GPU by kernels/gpu_check.py.
+``make_backend`` is the engine's ``cupy`` WKV of RWKV-5.2 and RWKV-6; kernels/gpu_check.py checks it on a GPU.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from importlib.resources import files
 import numpy as np
 
 from ...devices import is_cupy
+from .. import WKVBackend
 from ...rwkv6.wkv import WKV6Grads
+from .cupy_wkv4 import check_device
 from .shim_wkv6 import SUM_THREADS, check_wkv6_args
 
 NVRTC_OPTIONS = ("--std=c++14",)  # no --use_fast_math: exp stays the accurate expf / exp
@@ -97,3 +99,9 @@ def _check(r, k, v, w, u, dy=None, state=None, dstate=None):
     if B * H >= 2**31:
         raise ValueError(f"WKV6: B*H = {B * H} blocks exceeds the kernels' int32 block index; split the batch")
     return B, T, H, N
+
+
+def make_backend() -> WKVBackend:
+    """The ``cupy`` WKV of RWKV-5.2 / RWKV-6. RuntimeError if CuPy is missing or there is no usable GPU."""
+    check_device()
+    return WKVBackend("cupy", forward, backward)

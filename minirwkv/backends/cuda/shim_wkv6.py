@@ -8,7 +8,7 @@ what a GPU runs, minus the concurrency.
 
 The contract is that of the reference minirwkv.rwkv6.wkv (wkv6_recurrent_forward / wkv6_recurrent_backward):
 r, k, v, w (B, T, H, N); u (H, N); state, dstate (B, H, N, N) in [b, h, key, value] order, default 0; all one
-dtype, float32 or float64. The caller's arrays are never modified. Not registered as a backend (yet).
+dtype, float32 or float64. The caller's arrays are never modified. ``make_backend`` is the engine's ``cuda-shim`` WKV of RWKV-5.2 and RWKV-6.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import importlib.resources
 
 import numpy as np
 
+from .. import WKVBackend
 from ...rwkv6.wkv import WKV6Grads, log_decay
 from .shim_wkv4 import DTYPES, compile_shared
 
@@ -133,3 +134,8 @@ def load_library(cache_dir: str | None = None) -> ctypes.CDLL:
     return lib
 
 
+def make_backend(cache_dir=None) -> WKVBackend:
+    """The ``cuda-shim`` WKV of RWKV-5.2 / RWKV-6. Builds the library now (RuntimeError if there is no C++
+    compiler)."""
+    lib = load_library(str(cache_dir) if cache_dir is not None else None)
+    return WKVBackend("cuda-shim", functools.partial(forward, lib=lib), functools.partial(backward, lib=lib))

@@ -31,7 +31,7 @@ memory for one extra forward's work. du: per-(b, h) partial sums (B, H, N), summ
 races, no atomics), as wkv4.py does for gw and gu.
 
 Compilation is lazy (on the first call; importing compiles nothing) and cached on disk (``cache=True``). Threads:
-Numba's pool (see wkv4.set_threads / get_threads). Not registered as a backend: no RWKV-6 generation uses it yet.
+Numba's pool (see wkv4.set_threads / get_threads). ``make_backend`` is the engine's ``numba`` WKV of RWKV-5.2 and RWKV-6.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .. import WKVBackend
 from ...rwkv6.wkv import WKV6Grads
 
 
@@ -176,6 +177,12 @@ def backward(r, k, v, w, u, dy, state=None, dstate=None) -> WKV6Grads:
     S_seg = np.empty((B, H, segment, N, N), r.dtype)  # (B, H, segment, N, N)
     _backward_kernel(r, k, v, w, u, dy, S0, G, dr, dk, dv, dw, du_part, S_ckpt, S_seg, segment)
     return WKV6Grads(dr, dk, dv, dw, du_part.sum(axis=0), G)  # du: per-(b, h) partials, summed here
+
+
+def make_backend() -> WKVBackend:
+    """The ``numba`` WKV of RWKV-5.2 / RWKV-6. Compiles nothing: each kernel compiles (or loads its cache) on first
+    call."""
+    return WKVBackend("numba", forward, backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------
