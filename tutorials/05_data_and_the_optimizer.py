@@ -155,7 +155,7 @@ print(f"{'parameter':32s} {'shape':14s} lr x  weight decay")
 for name, p in params0.items():
     if name.startswith("blocks.") and not name.startswith("blocks.0."):
         continue
-    print(f"{name:32s} {str(p.shape):14s} {optim.lr_multiplier(name):<5} {optim.decays(p.shape)}")
+    print(f"{name:32s} {str(p.shape):14s} {optim.lr_multiplier(name):<5} {optim.decays(name, p.shape)}")
 
 # %% [markdown]
 # The learning rate also changes with the step (`optim.learning_rate`). First a warmup: v4neo's form starts at a
@@ -284,7 +284,7 @@ b1, b2, t = config.beta1, config.beta2, 2
 for name in ("blocks.0.att.time_first", "blocks.0.att.time_decay", "blocks.0.att.value.weight"):
     p, g = params1[name].astype(np.float64), grads1[name].astype(np.float64)
     lr_i = lr1 * optim.lr_multiplier(name)
-    if optim.decays(p.shape):
+    if optim.decays(name, p.shape):
         p = p * (1 - lr_i * config.weight_decay)
     m = b1 * opt1.m[name] + (1 - b1) * g
     v = b2 * opt1.v[name] + (1 - b2) * g * g

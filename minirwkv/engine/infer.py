@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import layers as ops
 from ..api import check_params, check_state, check_tokens, init_state, model_for
-from ..rwkv4.state import LayerState
+from .infer_matrix import MatrixProgram
 from ..state import State
 from ..backends.threads import configure, get_pool, resolve_threads
 from ..devices import array_module, to_numpy
@@ -178,7 +178,8 @@ class _Runner:
 
 
 class RNNRunner(_Runner):
-    """RWKV-4 in RNN mode for ``batch_size`` sequences at once, on the CPU (NumPy arrays, float32 or float64).
+    """RNN mode of any generation (RWKV-4 here; RWKV-5.2 / RWKV-6 through infer_matrix.py) for ``batch_size``
+    sequences at once, on the CPU (NumPy arrays, float32 or float64).
 
         runner = RNNRunner(params, batch_size=2)
         logits = runner.prefill([prompt_ids_0, prompt_ids_1])   # (B, V): next-token logits after each prompt
@@ -202,12 +203,14 @@ class RNNRunner(_Runner):
         self.dtype = params["emb.weight"].dtype
         self.chunk_size = int(chunk_size)
         self.emb = fold_ln0(params)  # (V, C)
-        self.layers = [prepare_layer(params, i) for i in range(config.n_layer)]
+        self.threads = resolve_threads(threads)  # the products split over this many threads (backends/threads.py)
+        self._pool = get_pool(self.threads)
+        # RWKV-4's layers run here (_run); RWKV-5.2 / RWKV-6 run infer_matrix.MatrixProgram's
+        self._matrix = None if config.version == "4" else MatrixProgram(params, config, self._pool)
+        self.layers = [prepare_layer(params, i) for i in range(config.n_layer)] if self._matrix is None else []
         self.ln_out_w, self.ln_out_b = params["ln_out.weight"], params["ln_out.bias"]
         self.head = np.ascontiguousarray(params["head.weight"].T)  # (C, V)
         self._kernels = _load_kernels()
-        self.threads = resolve_threads(threads)  # the products split over this many threads (backends/threads.py)
-        self._pool = get_pool(self.threads)
         configure(self.threads)
         self._zero, self._one = self.dtype.type(0), self.dtype.type(1)  # the kernels' constants, in their dtype
         self.state = None
@@ -268,7 +271,7 @@ class RNNRunner(_Runner):
             idx = np.stack([prompts[i] for i in members])  # (b, T)
             group_rows = [rows[i] for i in members]
             whole = group_rows == list(range(self._B))
-            layers = self.state.layers if whole else [LayerState(*(a[group_rows] for a in s))
+            layers = self.state.layers if whole else [type(s)(*(a[group_rows] for a in s))
                                                       for s in self.state.layers]
             for t0 in range(0, length, self.chunk_size):
                 out = self._run(idx[:, t0:t0 + self.chunk_size], layers)
@@ -287,7 +290,9 @@ class RNNRunner(_Runner):
         buf = self._views(B, T)
         x = buf.x
         np.take(self.emb, tokens, axis=0, out=x)  # (B, T, C) ln0 already folded in
-        for lw, s in zip(self.layers, layers):
+        if self._matrix is not None:
+            self._matrix.run(x, layers)
+        for lw, s in zip(self.layers, layers):  # RWKV-4 (no layers here for the other generations)
             kn.time_mix_inputs(x, lw.ln1_w, lw.ln1_b, s.att_x, lw.att_mix_k, lw.att_mix_v, lw.att_mix_r, one,
                                buf.z, buf.xk, buf.xv, buf.xr)
             matmuls([(buf.xk_m, lw.att_key, buf.k_m),  # (B, T, C)
@@ -325,7 +330,7 @@ def broadcast_state(state: State, batch_size: int) -> State:
     """A state of one sequence repeated for ``batch_size`` sequences (one prompt, many continuations)."""
     if state.batch_size != 1:
         raise ValueError(f"can only broadcast a state of one sequence, this one has {state.batch_size}")
-    return State(tuple(LayerState(*(np.repeat(a, batch_size, axis=0) for a in s)) for s in state.layers))
+    return State(tuple(type(s)(*(np.repeat(a, batch_size, axis=0) for a in s)) for s in state.layers))
 
 
 class ReferenceRunner(_Runner):
@@ -354,7 +359,7 @@ class ReferenceRunner(_Runner):
     def set_state(self, state: State):
         check_state(state, self.model, self._B)
         xp = self._xp
-        self.state = State(tuple(LayerState(*(xp.array(a, dtype=self.dtype) for a in s)) for s in state.layers))
+        self.state = State(tuple(type(s)(*(xp.array(a, dtype=self.dtype) for a in s)) for s in state.layers))
 
     def step(self, tokens) -> np.ndarray:
         """tokens (B,) int -> logits (B, V) on the host; the state advanced (the model's RNN step)."""
@@ -371,7 +376,7 @@ class ReferenceRunner(_Runner):
         prompts, rows = self._check_prompts(prompts, rows)
         out = np.empty((len(prompts), self.config.vocab_size), self.dtype)  # (n, V)
         for i, (row, ids) in enumerate(zip(rows, prompts)):
-            mine = State(tuple(LayerState(*(a[row:row + 1] for a in s)) for s in self.state.layers))
+            mine = State(tuple(type(s)(*(a[row:row + 1] for a in s)) for s in self.state.layers))
             logits, _, mine = self.model.forward(self.params, xp.asarray(ids[None]), mine)  # (1, T, V)
             out[i] = to_numpy(logits[0, -1])
             for layer, new in zip(self.state.layers, mine.layers):

@@ -1,8 +1,8 @@
 """AdamW over parameter dicts, global-norm gradient clipping, and the learning-rate schedule (docs/rwkv4.md §5.3).
 
 Mirrors what RWKV-LM ``RWKV-v4neo`` trains with: DeepSpeed ``FusedAdam`` with bias correction, betas (0.9, 0.99),
-eps 1e-8, decoupled weight decay on the matrices only (every parameter whose squeezed shape has >= 2 dims, so emb
-and head decay too), the layer-wise multipliers ``my_lr_scale`` (time_decay x2, time_first x3, everything else x1),
+eps 1e-8, decoupled weight decay on the weight matrices only (``*.weight`` with a squeezed shape of >= 2 dims, so
+emb and head decay too; RWKV-5/6's (H, N) decays and LoRA matrices do not, see ``decays``), the layer-wise multipliers ``my_lr_scale`` (time_decay x2, time_first x3, everything else x1),
 Lightning's ``gradient_clip_val = 1.0`` (global norm), and v4neo's warmup-then-exponential schedule (``trainer.py``
 ``on_train_batch_start``), with cosine as an alternative.
 
@@ -29,12 +29,15 @@ def lr_multiplier(name: str) -> float:
     return LR_MULTIPLIERS.get(name.rsplit(".", 1)[-1], 1.0)
 
 
-def decays(shape) -> bool:
-    """Weight decay applies to matrices: parameters whose squeezed shape has >= 2 dims (v4neo's decay group).
+def decays(name: str, shape) -> bool:
+    """Weight decay applies to the weight matrices: ``*.weight`` parameters whose squeezed shape has >= 2 dims
+    (v4neo's and RWKV-v5's decay group).
 
-    time_mix_* (1, 1, C) squeeze to (C,) and do not decay; LayerNorm weights and biases do not either.
+    time_mix_* (1, 1, C) squeeze to (C,) and do not decay; LayerNorm weights and biases do not either; nor do the
+    2-D parameters that are not ``.weight``: RWKV-5.2's time_decay and time_faaaa (H, N), RWKV-6's LoRA matrices
+    time_maa_w1/w2 and time_decay_w1/w2 (their official group has no weight decay).
     """
-    return sum(1 for n in shape if n != 1) >= 2
+    return name.endswith(".weight") and sum(1 for n in shape if n != 1) >= 2
 
 
 class AdamWState(NamedTuple):
@@ -82,10 +85,10 @@ def adamw_step(params: dict, grads: dict, state: AdamWState, lr: float, betas=(0
         if fused:
             p, m, v = p.copy(), state.m[name].copy(), state.v[name].copy()
             adamw_update(p, np.ascontiguousarray(g), m, v, lr_i, b1, b2, eps,
-                         weight_decay if decays(p.shape) else 0.0, bias1, 1 - b2 ** t)
+                         weight_decay if decays(name, p.shape) else 0.0, bias1, 1 - b2 ** t)
             new_params[name], new_m[name], new_v[name] = p, m, v
             continue
-        if weight_decay and decays(p.shape):
+        if weight_decay and decays(name, p.shape):
             p = p * p.dtype.type(1 - lr_i * weight_decay)
         m = state.m[name] * p.dtype.type(b1) + g * p.dtype.type(1 - b1)
         v = state.v[name] * p.dtype.type(b2) + (g * g) * p.dtype.type(1 - b2)

@@ -162,11 +162,13 @@ def resume_state(path: Path, config: TrainConfig, xp):
     except ValueError as e:
         raise ValueError(f"cannot resume from {path}: {e}") from None
     saved = config_from_params(ckpt.params)
-    wanted = (config.n_layer, config.n_embd, config.dim_ffn or 4 * config.n_embd)
-    if (saved.n_layer, saved.n_embd, saved.dim_ffn) != wanted:
-        raise ValueError(f"cannot resume from {path}: it holds a model with n_layer={saved.n_layer}, "
-                         f"n_embd={saved.n_embd}, dim_ffn={saved.dim_ffn}; the config asks for n_layer="
-                         f"{wanted[0]}, n_embd={wanted[1]}, dim_ffn={wanted[2]}. Use the same shape, or a new out_dir")
+    wanted = config.model_config(saved.vocab_size)
+    fields = ("version", "n_layer", "n_embd", "dim_ffn") + (("head_size",) if saved.version != "4" else ())
+    if any(getattr(saved, f) != getattr(wanted, f) for f in fields):
+        have = ", ".join(f"{f}={getattr(saved, f)}" for f in fields)
+        asked = ", ".join(f"{f}={getattr(wanted, f)}" for f in fields)
+        raise ValueError(f"cannot resume from {path}: it holds a model with {have}; the config asks for {asked}. "
+                         f"Use the same shape, or a new out_dir")
     dtype = np.dtype(config.dtype)
     params = {k: xp.asarray(np.array(a, dtype=dtype)) for k, a in ckpt.params.items()}
     opt = optim.state_from_arrays(ckpt.arrays, ckpt.meta.get("step", 0), params)
@@ -245,8 +247,9 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
     if world.size > 1:  # every rank starts from rank 0's parameters and moments, whatever each loaded
         params, m, v = broadcast_state(world, state.params, state.opt.m, state.opt.v, xp)
         state = TrainState(params, optim.AdamWState(world.bcast(state.opt.step), m, v))
-    run_meta = {"model": {"vocab_size": model_config.vocab_size, "n_embd": model_config.n_embd,
-                          "n_layer": model_config.n_layer, "dim_ffn": model_config.dim_ffn},
+    run_meta = {"model": {"version": model_config.version, "vocab_size": model_config.vocab_size,
+                          "n_embd": model_config.n_embd, "n_layer": model_config.n_layer,
+                          "dim_ffn": model_config.dim_ffn, "head_size": model_config.head_size},
                 "train": config.to_dict(), "tokenizer": tokenizer.spec(), "backend": backend,
                 "data_sha256": data.fingerprint}
     if world.size > 1:
@@ -260,7 +263,8 @@ def _train(config: TrainConfig, on_step: Callable | None, echo: Callable, world=
     parallel = (f", data-parallel over {world.size} processes ({world.backend}): {config.batch_size // world.size} "
                 f"of the {config.batch_size} rows each" if world.size > 1 else "")
     echo(f"{'resuming at step ' + str(state.opt.step) if config.resume else 'training'}: {n_params:,} parameters "
-         f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab {tokenizer.vocab_size}, {tokenizer.name} "
+         f"(RWKV-{'5.2' if config.version == '5' else config.version}, n_layer={config.n_layer}, "
+         f"n_embd={config.n_embd}, vocab {tokenizer.vocab_size}, {tokenizer.name} "
          f"tokens), WKV backend {backend}, device {config.device}, {data.stats['train_tokens']:,} train tokens"
          f"{parallel}")
 

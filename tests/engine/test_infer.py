@@ -14,6 +14,13 @@ from minirwkv.testing import assert_close, make_wkv_inputs, wkv_inputs
 from minirwkv.rwkv4.wkv import wkv_recurrent_forward, zero_state
 
 CONFIG = ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20)
+CONFIGS = {  # every generation RNNRunner runs: RWKV-4 here, RWKV-5.2 / RWKV-6 through engine/infer_matrix.py
+    "4": CONFIG,
+    "5": ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20, version="5", head_size=4),
+    "6": ModelConfig(vocab_size=37, n_embd=12, n_layer=2, dim_ffn=20, version="6", head_size=4, d_mix_lora=3,
+                     d_decay_lora=5),
+}
+VERSIONS = st.sampled_from(sorted(CONFIGS))
 
 
 def random_params(config, dtype, seed=0):
@@ -25,6 +32,7 @@ def random_params(config, dtype, seed=0):
 
 
 PARAMS = {np.float32: random_params(CONFIG, np.float32), np.float64: random_params(CONFIG, np.float64)}
+ALL_PARAMS = {(v, dtype): random_params(c, dtype) for v, c in CONFIGS.items() for dtype in (np.float32, np.float64)}
 
 
 def assert_state_close(actual, expected, dtype, what):
@@ -34,10 +42,12 @@ def assert_state_close(actual, expected, dtype, what):
 
 
 @given(B=st.integers(1, 3), T=st.integers(1, 6), seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32,
-                                                                                                   np.float64]))
-@example(B=1, T=1, seed=0, dtype=np.float32)
-def test_step_equals_rnn_step(B, T, seed, dtype):
-    params = PARAMS[dtype]
+                                                                                                   np.float64]),
+       version=VERSIONS)
+@example(B=1, T=1, seed=0, dtype=np.float32, version="4")
+@example(B=2, T=3, seed=0, dtype=np.float64, version="6")
+def test_step_equals_rnn_step(B, T, seed, dtype, version):
+    params = ALL_PARAMS[(version, dtype)]
     tokens = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (B, T))
     runner = RNNRunner(params, batch_size=B)
     state = init_state(params, B)
@@ -50,12 +60,14 @@ def test_step_equals_rnn_step(B, T, seed, dtype):
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 13), chunk=st.integers(1, 5), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([np.float32, np.float64]))
-@example(B=1, T=1, chunk=1, seed=0, dtype=np.float32)
-@example(B=2, T=10, chunk=5, seed=1, dtype=np.float64)  # chunks that divide T exactly
-def test_prefill_then_step_equals_parallel(B, T, chunk, seed, dtype):
+       dtype=st.sampled_from([np.float32, np.float64]), version=VERSIONS)
+@example(B=1, T=1, chunk=1, seed=0, dtype=np.float32, version="4")
+@example(B=2, T=10, chunk=5, seed=1, dtype=np.float64, version="4")  # chunks that divide T exactly
+@example(B=2, T=10, chunk=5, seed=1, dtype=np.float32, version="5")
+@example(B=2, T=7, chunk=3, seed=2, dtype=np.float32, version="6")
+def test_prefill_then_step_equals_parallel(B, T, chunk, seed, dtype, version):
     """Prefill of T tokens in blocks of `chunk`, then one step == the parallel forward of all T + 1 tokens."""
-    params = PARAMS[dtype]
+    params = ALL_PARAMS[(version, dtype)]
     idx = np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (B, T + 1))
     runner = RNNRunner(params, batch_size=B, chunk_size=chunk)
     last = runner.prefill(idx[:, :T])
@@ -116,8 +128,9 @@ def test_prefill_continues_from_the_current_state():
     assert_close(got, forward(params, idx, impl="numpy")[:, -1], np.float32, "same", what="two prefills")
 
 
-def test_ragged_prompts_equal_one_prompt_at_a_time():
-    params = PARAMS[np.float32]
+@pytest.mark.parametrize("version", sorted(CONFIGS))
+def test_ragged_prompts_equal_one_prompt_at_a_time(version):
+    params = ALL_PARAMS[(version, np.float32)]
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, CONFIG.vocab_size, n) for n in (5, 2, 5, 1)]
     runner = RNNRunner(params, batch_size=4, chunk_size=2)
@@ -131,8 +144,9 @@ def test_ragged_prompts_equal_one_prompt_at_a_time():
                 assert_close(a[i:i + 1], b, np.float32, "same", what=f"prompt {i} state {name}")
 
 
-def test_prefill_of_some_rows_leaves_the_others():
-    params = PARAMS[np.float32]
+@pytest.mark.parametrize("version", sorted(CONFIGS))
+def test_prefill_of_some_rows_leaves_the_others(version):
+    params = ALL_PARAMS[(version, np.float32)]
     runner = RNNRunner(params, batch_size=3)
     runner.prefill([np.array([1, 2, 3])] * 3)
     before = runner.get_state()

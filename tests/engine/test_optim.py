@@ -48,7 +48,11 @@ def test_no_weight_decay_on_vectors():
             np.testing.assert_array_equal(new[name], p * (1 - 0.1 * 0.5))
         else:
             np.testing.assert_array_equal(new[name], p)  # time_decay/first, time_mix (1, 1, C), LayerNorm
-    assert optim.decays((4, 3)) and optim.decays((1, 4, 3)) and not optim.decays((1, 1, 3))
+    assert optim.decays("a.weight", (4, 3)) and optim.decays("a.weight", (1, 4, 3))
+    assert not optim.decays("a.time_mix_k", (1, 1, 3)) and not optim.decays("a.ln1.weight", (3,))
+    for name in ("blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w1",
+                 "blocks.0.att.time_decay_w2"):
+        assert not optim.decays(name, (4, 3)), name  # 2-D, but not a weight matrix
 
 
 def test_matches_torch_adamw():
@@ -58,7 +62,7 @@ def test_matches_torch_adamw():
     lr, wd, betas = 3e-3, 0.05, (0.9, 0.99)
     tparams = {k: torch.tensor(p, requires_grad=True) for k, p in params.items()}
     groups = [{"params": [t], "lr": lr * optim.lr_multiplier(k),
-               "weight_decay": wd if optim.decays(t.shape) else 0.0} for k, t in tparams.items()]
+               "weight_decay": wd if optim.decays(k, t.shape) else 0.0} for k, t in tparams.items()]
     topt = torch.optim.AdamW(groups, betas=betas, eps=1e-8)
     state = optim.adamw_init(params)
     for _ in range(5):
