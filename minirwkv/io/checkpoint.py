@@ -1,11 +1,11 @@
-"""The minirwkv checkpoint format, and loading parameters from it or from an official RWKV-4 ``.pth``.
+"""The minirwkv checkpoint format, and loading parameters from it or from an official RWKV ``.pth`` (v4, v5.2, v6).
 
 Our format executes nothing when loaded: a zip archive (entries stored, or deflated with ``compress=True``) of
 
     meta.json                  {"format": "minirwkv-checkpoint", "version": 1,
                                 "config": {"vocab_size": V, "n_embd": C, "n_layer": L, "dim_ffn": F},
                                 "meta": <whatever JSON the caller passed: step, tokenizer, backend, train config>}
-    params/<official key>.npy  one array per parameter, official RWKV-4 names and shapes
+    params/<official key>.npy  one array per parameter, official RWKV names and shapes
     <group>/<name>.npy         other arrays, e.g. adam_m/<key>.npy, adam_v/<key>.npy
 
 Every ``.npy`` is read with ``allow_pickle=False`` semantics (object arrays refused); stored entries are
@@ -165,7 +165,7 @@ def _read_meta(zarrays: ZipArrays) -> dict:
 
 
 # Key fragments that mark checkpoints this engine cannot run, and what they are.
-_LATER_RWKV = ("ln_x", "time_faaaa", "time_maa", ".gate.", "time_state")
+_RWKV7 = (".att.r_k", ".att.x_r")  # RWKV-7's bonus weight and token-shift mix
 _RWKV_PACKAGE = ("_strategy", "_version", "_rescale_layer")
 
 
@@ -176,14 +176,18 @@ def _refuse_foreign_keys(path, keys):
     if found:
         raise ValueError(f"{path}: a checkpoint converted by the `rwkv` pip package (keys {found}): ln0 folded "
                          f"into emb, time_decay already -exp(), matrices transposed or quantised. Load the "
-                         f"original RWKV-4 .pth instead")
-    later = sorted({frag for k in keys for frag in _LATER_RWKV if frag in k})
+                         f"original .pth instead")
+    later = sorted({frag for k in keys for frag in _RWKV7 if frag in k})
     if later:
-        version = "RWKV-6 or later" if "time_maa" in later else "RWKV-5 or later"
-        raise ValueError(f"{path}: an {version} checkpoint (keys with {later}); minirwkv runs RWKV-4 only")
+        raise ValueError(f"{path}: an RWKV-7 checkpoint (keys with {later}); this minirwkv runs RWKV-4, RWKV-5.2 "
+                         f"and RWKV-6")
+    tuned = [k for k in keys if k.endswith(".att.time_state")]
+    if tuned:
+        raise ValueError(f"{path}: a state-tuned checkpoint ({tuned[0]}, ...: a trained initial state), which "
+                         f"minirwkv does not load; remove the time_state keys to run the base model")
     if any(k.startswith("rwkv.") for k in keys):
         raise ValueError(f"{path}: a Hugging Face transformers RWKV checkpoint (keys 'rwkv.embeddings.weight', ...)"
-                         f"; load the original RWKV-4 .pth it was converted from (official key names)")
+                         f"; load the original .pth it was converted from (official key names)")
 
 
 def _sniff(path) -> str:
@@ -202,12 +206,12 @@ def _sniff(path) -> str:
         head = f.read(16)
     if head[:4] == struct.pack("<i", 0x67676D66):
         raise ValueError(f"{path}: an rwkv.cpp .bin file (magic 'ggmf'); its tensors are squeezed, time_decay "
-                         f"stored as -exp(), possibly quantised. Load the original RWKV-4 .pth instead")
+                         f"stored as -exp(), possibly quantised. Load the original .pth instead")
     if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
         raise ValueError(f"{path}: a .pth in torch's legacy (pre-1.6, non-zip) format, which is not supported; "
                          f"re-save it with a recent torch: torch.save(torch.load(f), 'new.pth')")
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
-        raise ValueError(f"{path}: a safetensors file, which is not supported; load the original RWKV-4 .pth")
+        raise ValueError(f"{path}: a safetensors file, which is not supported; load the original .pth")
     if not head.startswith(b"PK"):
         raise ValueError(f"{path}: not a checkpoint this library knows (neither a zip archive nor a known header; "
                          f"first bytes {head[:8]!r})")
@@ -226,7 +230,8 @@ def _sniff(path) -> str:
 
 
 def load_params(path, dtype=np.float32) -> dict:
-    """RWKV-4 parameters {official key: ndarray of ``dtype``} from a minirwkv checkpoint or an official ``.pth``.
+    """RWKV parameters {official key: ndarray of ``dtype``} from a minirwkv checkpoint or an official ``.pth``
+    (RWKV-4, RWKV-5.2 or RWKV-6; the generation is detected from the names).
 
     The format is detected by content. Shapes are the official ones (what ``init_params`` returns); the config
     follows from them. Raises ValueError naming the file's kind when it is a format we recognise but cannot use.
@@ -241,11 +246,11 @@ def load_params(path, dtype=np.float32) -> dict:
         _refuse_foreign_keys(path, state)
         not_tensors = [k for k, v in state.items() if not isinstance(v, PthTensor)]
         if not_tensors:
-            raise ValueError(f"{path}: not a plain RWKV-4 state dict: {not_tensors[:5]} are not tensors")
+            raise ValueError(f"{path}: not a plain RWKV state dict: {not_tensors[:5]} are not tensors")
         not_float = [k for k, v in state.items() if not v.is_floating]
         if not_float:
             raise ValueError(f"{path}: integer tensors {not_float[:5]}: a quantised checkpoint, not an official "
-                             f"RWKV-4 .pth")
+                             f"RWKV .pth")
         params = {k: v.to_numpy(dtype) for k, v in state.items()}
     try:
         check_params(params)
@@ -288,9 +293,9 @@ def convert(src, dst, dtype=np.float32) -> ModelConfig:
 def main(argv=None) -> int:
     """``minirwkv convert MODEL.pth OUT [--dtype float32]``: argv is what follows the subcommand."""
     parser = argparse.ArgumentParser(prog="minirwkv convert",
-                                     description="Convert an RWKV-4 checkpoint (.pth or minirwkv) to the minirwkv "
+                                     description="Convert an RWKV checkpoint (.pth or minirwkv; v4, v5.2, v6) to the minirwkv "
                                                  "format, without torch and without executing the file.")
-    parser.add_argument("src", help="official RWKV-4 .pth (fp32, fp16 or bf16) or a minirwkv checkpoint")
+    parser.add_argument("src", help="official RWKV .pth (fp32, fp16 or bf16) or a minirwkv checkpoint")
     parser.add_argument("dst", help="output file (written atomically; missing parent folders are created)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="dtype of the saved parameters (default float32; bf16 widens exactly)")

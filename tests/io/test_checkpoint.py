@@ -9,6 +9,8 @@ import zipfile
 import numpy as np
 import pytest
 
+import minirwkv
+
 from minirwkv.io.checkpoint import Checkpoint, convert, load_checkpoint, load_params, main, save_checkpoint
 from minirwkv.config import ModelConfig
 from minirwkv.rwkv4.model import param_shapes
@@ -227,6 +229,21 @@ def make_rwkv5(path):
                      "blocks.0.att.time_faaaa": np.ones((1, 8), np.float32)})
 
 
+def make_rwkv51(path):
+    params = minirwkv.init_params(minirwkv.ModelConfig(vocab_size=11, n_embd=8, n_layer=1, version="5", head_size=4))
+    params["blocks.0.att.time_decay"] = np.zeros(2, np.float32)  # one decay per head: the 5.1 preview
+    write_pth(path, params)
+
+
+def make_rwkv7(path):
+    write_pth(path, {**tiny_params(), "blocks.0.att.r_k": np.ones((1, 8), np.float32)})
+
+
+def make_state_tuned(path):
+    params = minirwkv.init_params(minirwkv.ModelConfig(vocab_size=11, n_embd=8, n_layer=1, version="6", head_size=4))
+    write_pth(path, {**params, "blocks.0.att.time_state": np.zeros((2, 4, 4), np.float32)})
+
+
 def make_rwkv6(path):
     write_pth(path, {**tiny_params(), "blocks.0.att.time_maa_x": np.ones((1, 1, 8), np.float32)})
 
@@ -290,8 +307,11 @@ def make_newer_version(path):
 
 REFUSED = {
     "rwkv package": (make_rwkv_package, r"converted by the `rwkv` pip package .*'_strategy'"),
-    "rwkv5": (make_rwkv5, r"RWKV-5 or later .*ln_x.*time_faaaa.*RWKV-4 only"),
-    "rwkv6": (make_rwkv6, r"RWKV-6 or later .*time_maa"),
+    "rwkv5.0": (make_rwkv5, r"an RWKV-5.0 preview checkpoint .*time_decay \(8,\).*no gate.*RWKV-5.2 only"),
+    "rwkv5.1": (make_rwkv51, r"an RWKV-5.1 preview checkpoint .*time_decay \(2,\).*RWKV-5.2 only"),
+    "rwkv6 part": (make_rwkv6, r"not an RWKV-6.0 parameter dict"),
+    "rwkv7": (make_rwkv7, r"an RWKV-7 checkpoint .*att.r_k"),
+    "state-tuned": (make_state_tuned, r"a state-tuned checkpoint \(blocks.0.att.time_state.*remove the time_state"),
     "huggingface": (make_hf, r"Hugging Face transformers RWKV checkpoint"),
     "quantised": (make_quantised, r"integer tensors \['head.weight'\]"),
     "not rwkv4": (make_not_rwkv4, r"model.pth: not a valid RWKV-4 parameter dict .*missing keys: ln_out.bias"),
