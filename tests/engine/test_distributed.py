@@ -204,10 +204,12 @@ def params_of(saved: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2-rank runs of 6 steps in float32 and float64, and a float32 one stopped by Ctrl-C at step 4 then resumed."""
+    """2-rank runs of 6 steps in float32 and float64, an RWKV-6 one, and a float32 one stopped by Ctrl-C at step 4
+    then resumed."""
     mpiexec()
     folder = tmp_path_factory.mktemp("mpi")
     configs = {dtype: tiny(folder / dtype, dtype=dtype) for dtype in ("float32", "float64")}
+    configs["v6"] = tiny(folder / "v6", dtype="float64", version="6", head_size=8)  # the same trainer for RWKV-6
     configs["resumed"] = tiny(folder / "resumed")
     jobs = [{"config": dataclasses.asdict(c), "save": str(folder / name)} for name, c in configs.items()]
     jobs[-1]["interrupt_at"] = 4
@@ -223,14 +225,15 @@ def train_losses(out_dir) -> np.ndarray:
     return np.array([r["loss"] for r in records if r["kind"] == "train"])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_two_ranks_train_as_one_process_on_the_same_global_batch(runs, dtype):
+@pytest.mark.parametrize("name", ["float32", "float64", "v6"])
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(runs, name):
     # 2 ranks x 4 rows == 1 process x 8 rows: the same batches, the gradient summed in another order. After 6
     # AdamW steps the parameters agree per tensor to the dtype's "same" tolerance (measured, normwise: 8.7e-6 in
     # float32, 8.0e-14 in float64)
-    config = runs.configs[dtype]
-    single = train(dataclasses.replace(config, out_dir=str(runs.folder / f"single-{dtype}")), echo=quiet)
-    rank0, rank1 = ranks(runs.folder / dtype)
+    config = runs.configs[name]
+    dtype = config.dtype  # "v6" is RWKV-6 in float64
+    single = train(dataclasses.replace(config, out_dir=str(runs.folder / f"single-{name}")), echo=quiet)
+    rank0, rank1 = ranks(runs.folder / name)
     assert int(rank0["step"]) == int(rank1["step"]) == 6 and int(rank0["world_size"]) == RANKS
     for k, a in params_of(rank0).items():
         np.testing.assert_array_equal(params_of(rank1)[k], a, err_msg=f"ranks differ: {k}")  # identical updates

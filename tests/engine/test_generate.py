@@ -14,17 +14,29 @@ from minirwkv.engine.generate import (Detokenizer, StopFilter, add_sample_argume
 from minirwkv.testing import assert_close
 from minirwkv.tokenizers.core import ByteTokenizer
 
-CONFIG = ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16)
+CONFIGS = {  # one tiny model per generation; RWKV-5/6 with H = 2 heads of N = 4
+    "4": ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16),
+    "5": ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16, version="5", head_size=4),
+    "6": ModelConfig(vocab_size=256, n_embd=8, n_layer=1, dim_ffn=16, version="6", head_size=4, d_mix_lora=4,
+                     d_decay_lora=4),
+}
 TOK = ByteTokenizer()
 
 
-def _params(seed=0):
+def _params(config, seed=0):
     rng = np.random.default_rng(seed)
     return {k: (v + rng.normal(0.0, 0.8, v.shape)).astype(np.float32)
-            for k, v in init_params(CONFIG, seed=seed, dtype=np.float64).items()}
+            for k, v in init_params(config, seed=seed, dtype=np.float64).items()}
 
 
-PARAMS = _params()
+PARAMS_OF = {version: _params(config) for version, config in CONFIGS.items()}
+PARAMS = PARAMS_OF["4"]  # for the tests of arguments and files, where the generation does not matter
+
+
+@pytest.fixture(params=sorted(CONFIGS), ids=lambda v: f"v{v}")
+def params(request):
+    """The generation-dependent tests run on every generation: generate only sees logits and an opaque state."""
+    return PARAMS_OF[request.param]
 
 
 @given(text=st.text(max_size=30))
@@ -69,60 +81,60 @@ def reference_greedy(params, prompt_ids, n):
     return out
 
 
-def test_greedy_equals_the_reference_loop():
+def test_greedy_equals_the_reference_loop(params):
     n = 12
-    got = generate_text(PARAMS, TOK, "Hi there", n, temperature=0)[0]
-    want = TOK.decode(reference_greedy(PARAMS, TOK.encode("Hi there"), n))
+    got = generate_text(params, TOK, "Hi there", n, temperature=0)[0]
+    want = TOK.decode(reference_greedy(params, TOK.encode("Hi there"), n))
     assert got == want
 
 
-def test_a_batch_equals_its_prompts_alone():
+def test_a_batch_equals_its_prompts_alone(params):
     prompts = ["abc", "a much longer prompt", "x"]
-    together = generate_text(PARAMS, TOK, prompts, 10, temperature=0, chunk_size=4)
-    alone = [generate_text(PARAMS, TOK, p, 10, temperature=0)[0] for p in prompts]
+    together = generate_text(params, TOK, prompts, 10, temperature=0, chunk_size=4)
+    alone = [generate_text(params, TOK, p, 10, temperature=0)[0] for p in prompts]
     assert together == alone
 
 
-def test_fixed_seed_repeats_and_sampling_options_apply():
+def test_fixed_seed_repeats_and_sampling_options_apply(params):
     kw = dict(temperature=1.3, top_k=50, top_p=0.95, presence_penalty=0.3, frequency_penalty=0.1)
-    a = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=3, **kw)
-    b = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=3, **kw)
-    c = generate_text(PARAMS, TOK, ["one", "two"], 20, seed=4, **kw)
+    a = generate_text(params, TOK, ["one", "two"], 20, seed=3, **kw)
+    b = generate_text(params, TOK, ["one", "two"], 20, seed=3, **kw)
+    c = generate_text(params, TOK, ["one", "two"], 20, seed=4, **kw)
     assert a == b and a != c
 
 
-def test_stop_string_and_stop_token_end_a_sequence():
-    ids = reference_greedy(PARAMS, TOK.encode("Hi"), 30)
-    full = generate_text(PARAMS, TOK, "Hi", 30, temperature=0)[0]
+def test_stop_string_and_stop_token_end_a_sequence(params):
+    ids = reference_greedy(params, TOK.encode("Hi"), 30)
+    full = generate_text(params, TOK, "Hi", 30, temperature=0)[0]
     assert full == TOK.decode(ids)
     stop = full[5:7]
-    cut = generate_text(PARAMS, TOK, "Hi", 30, temperature=0, stop=[stop])[0]
+    cut = generate_text(params, TOK, "Hi", 30, temperature=0, stop=[stop])[0]
     assert cut == full[:full.find(stop)]
-    by_token = generate_text(PARAMS, TOK, "Hi", 30, temperature=0, stop_tokens=[ids[3]])[0]
+    by_token = generate_text(params, TOK, "Hi", 30, temperature=0, stop_tokens=[ids[3]])[0]
     assert by_token == TOK.decode(ids[:ids.index(ids[3])])
 
 
-def test_max_new_tokens_bounds_the_output():
-    pieces = list(generate(PARAMS, TOK, ["a", "b"], 7, seed=0))
+def test_max_new_tokens_bounds_the_output(params):
+    pieces = list(generate(params, TOK, ["a", "b"], 7, seed=0))
     for i in range(2):
         text = "".join(p.text for p in pieces if p.index == i)
         assert len(TOK.encode(text.replace("\ufffd", "?"))) <= 7
-    assert list(generate(PARAMS, TOK, "a", 0)) == []
+    assert list(generate(params, TOK, "a", 0)) == []
 
 
-def test_continuing_a_saved_state_equals_the_whole_prompt():
+def test_continuing_a_saved_state_equals_the_whole_prompt(params):
     from minirwkv.engine.infer import RNNRunner
 
-    runner = RNNRunner(PARAMS)
+    runner = RNNRunner(params)
     logits = runner.prefill([TOK.encode("Once upon")])
     state = runner.get_state()
-    whole = generate_text(PARAMS, TOK, "Once upon a time", 15, seed=1)
-    continued = generate_text(PARAMS, TOK, " a time", 15, seed=1, state=state)
+    whole = generate_text(params, TOK, "Once upon a time", 15, seed=1)
+    continued = generate_text(params, TOK, " a time", 15, seed=1, state=state)
     assert continued == whole
-    from_logits = generate_text(PARAMS, TOK, ["", ""], 15, seed=2, state=state, logits=logits)
-    assert from_logits == generate_text(PARAMS, TOK, ["Once upon"] * 2, 15, seed=2)
+    from_logits = generate_text(params, TOK, ["", ""], 15, seed=2, state=state, logits=logits)
+    assert from_logits == generate_text(params, TOK, ["Once upon"] * 2, 15, seed=2)
     with pytest.raises(ValueError, match="logits"):
-        generate_text(PARAMS, TOK, "", 5, state=state)
+        generate_text(params, TOK, "", 5, state=state)
 
 
 def test_bad_arguments():
@@ -144,11 +156,11 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
-def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys):
+def test_sample_command_streams_and_reuses_a_saved_state(tmp_path, capsys, params):
     from minirwkv.io.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "tiny.ckpt"
-    save_checkpoint(ckpt, PARAMS, meta={"tokenizer": TOK.spec()})
+    save_checkpoint(ckpt, params, meta={"tokenizer": TOK.spec()})
     common = ["--checkpoint", str(ckpt), "--max_new_tokens", "12", "--seed", "5"]
     assert run_sample(_args(*common, "--prompt", "Hello", "--state_out", str(tmp_path / "s.npz"))) == 0
     first = capsys.readouterr().out
@@ -173,20 +185,20 @@ def test_sample_command_errors_are_clear(tmp_path, capsys):
     assert "top_k" in capsys.readouterr().err
 
 
-def test_reference_runner_samples_what_the_fast_runner_samples():
+def test_reference_runner_samples_what_the_fast_runner_samples(params):
     """ReferenceRunner (the library's prefill / rnn_step, which also run on CuPy arrays) and RNNRunner give the same
     greedy continuation and the same logits, prompts of different lengths in one batch."""
     from minirwkv.engine.infer import ReferenceRunner, RNNRunner
 
     prompts = ["ab", "hello there", "x"]
-    fast = generate_text(PARAMS, TOK, prompts, 12, temperature=0.0, runner=RNNRunner(PARAMS, len(prompts)))
-    ref = generate_text(PARAMS, TOK, prompts, 12, temperature=0.0,
-                        runner=ReferenceRunner(PARAMS, len(prompts), impl="numpy"))
+    fast = generate_text(params, TOK, prompts, 12, temperature=0.0, runner=RNNRunner(params, len(prompts)))
+    ref = generate_text(params, TOK, prompts, 12, temperature=0.0,
+                        runner=ReferenceRunner(params, len(prompts), impl="numpy"))
     assert ref == fast
-    a, b = RNNRunner(PARAMS, 2), ReferenceRunner(PARAMS, 2, impl="numpy")
+    a, b = RNNRunner(params, 2), ReferenceRunner(params, 2, impl="numpy")
     ids = [TOK.encode("abc"), TOK.encode("hello")]
-    assert_close(b.prefill(ids), a.prefill(ids), PARAMS["emb.weight"].dtype, what="prefill logits")
-    assert_close(b.step(np.array([1, 2])), a.step(np.array([1, 2])), PARAMS["emb.weight"].dtype, what="step logits")
+    assert_close(b.prefill(ids), a.prefill(ids), params["emb.weight"].dtype, what="prefill logits")
+    assert_close(b.step(np.array([1, 2])), a.step(np.array([1, 2])), params["emb.weight"].dtype, what="step logits")
 
 
 def test_sample_on_cuda_without_a_gpu_fails_clearly(tmp_path, capsys):

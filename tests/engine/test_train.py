@@ -4,7 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minirwkv.api import Model
+from minirwkv import ModelConfig, init_params
+from minirwkv.api import Model, config_from_params
+from minirwkv.engine.generate import generate_text, load_model
 from minirwkv.engine import train as train_module
 from minirwkv.io.checkpoint import load_checkpoint
 from minirwkv.config import TrainConfig
@@ -312,3 +314,45 @@ def test_the_trainer_honours_l2wrap(tmp_path, monkeypatch):
     off = train(tiny(tmp_path / "off", max_iters=1, eval_interval=1, l2wrap=False), echo=quiet)
     assert seen == [True, False]
     assert not np.array_equal(on.params["head.weight"], off.params["head.weight"])
+
+
+# --- RWKV-5.2 and RWKV-6: the same trainer, checkpoints and resume --------------------------------------------------
+
+@pytest.mark.parametrize("version", ["5", "6"])
+def test_every_generation_learns_and_resumes_bit_identically(tmp_path, version):
+    """`minirwkv train --version=5|6`: the loss falls, the checkpoint says which model it holds, and an interrupted
+    run resumes to exactly the parameters and Adam moments of one that never stopped."""
+    setup = dict(version=version, head_size=8, max_iters=12, eval_interval=5)  # H = 4 heads of N = 8
+    whole = train(tiny(tmp_path / "a", **setup), echo=quiet)
+    first = train(tiny(tmp_path / "b", **setup), on_step=interrupt_at(7), echo=quiet)
+    assert first.interrupted and first.step == 7
+    resumed = train(tiny(tmp_path / "b", resume=True, **setup), echo=quiet)
+    assert resumed.step == 12 and resumed.val_loss < 4.0  # uniform over 256 bytes is ln 256 = 5.55 nats
+    a, b = load_checkpoint(tmp_path / "a" / "run" / LAST), load_checkpoint(tmp_path / "b" / "run" / LAST)
+    assert a.meta["model"]["version"] == version and a.meta["model"]["head_size"] == 8
+    assert set(whole.params) == set(minirwkv_param_names(version))
+    for k in whole.params:
+        np.testing.assert_array_equal(resumed.params[k], whole.params[k], err_msg=k)
+    for group in ("adam_m", "adam_v"):
+        for k in a.arrays[group]:
+            np.testing.assert_array_equal(b.arrays[group][k], a.arrays[group][k], err_msg=f"{group} {k}")
+    params, tokenizer = load_model(tmp_path / "a" / "run" / LAST)  # the checkpoint samples as that generation
+    assert config_from_params(params).version == version
+    assert len(generate_text(params, tokenizer, "the ", 8, temperature=0)[0]) > 0
+
+
+def minirwkv_param_names(version):
+    return init_params(ModelConfig(vocab_size=256, n_embd=32, n_layer=1, version=version, head_size=8))
+
+
+def test_resume_refuses_another_generation_or_head_size(tmp_path):
+    train(tiny(tmp_path, version="6", head_size=8, max_iters=2, eval_interval=1), echo=quiet)
+    with pytest.raises(ValueError, match=r"version \(saved '6', given '5'\)"):
+        train(tiny(tmp_path, version="5", head_size=8, resume=True), echo=quiet, explicit={"version", "resume"})
+    with pytest.raises(ValueError, match=r"head_size \(saved 8, given 16\)"):
+        train(tiny(tmp_path, version="6", head_size=16, resume=True), echo=quiet, explicit={"head_size", "resume"})
+
+
+def test_a_head_size_that_does_not_divide_n_embd_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"n_embd=32 .*head_size=12"):
+        train(tiny(tmp_path, version="6", head_size=12), echo=quiet)
